@@ -1,0 +1,190 @@
+"""The accumulation configuration: one immutable, validated, JSON-serialisable object."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradaccum.errors import ConfigError
+from gradaccum.policies import (
+    ACCUMULATION_DTYPES,
+    NON_FINITE_POLICIES,
+    NORMALIZATIONS,
+    PARTIAL_WINDOW_POLICIES,
+    AccumulationDType,
+    ClipPolicy,
+    GradientWeights,
+    NonFinitePolicy,
+    Normalization,
+    PartialWindowPolicy,
+    _known_keys,
+    check_choice,
+)
+from gradaccum.schedules import Fixed, Schedule, schedule_from_dict
+
+__all__ = ["AccumulationConfig"]
+
+_KEYS = (
+    "schedule",
+    "normalization",
+    "partial_window",
+    "non_finite",
+    "clip",
+    "weights",
+    "accumulation_dtype",
+    "offload",
+    "micro_batch_size",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AccumulationConfig:
+    """Everything that decides *what* accumulation computes.
+
+    Build it with keywords (``AccumulationConfig(steps=4)`` is shorthand for
+    ``schedule=Fixed(4)``) or from JSON with :meth:`from_dict`. Construction
+    validates every field and raises :class:`~gradaccum.errors.ConfigError`
+    naming the bad value and the fix; a config that exists is valid.
+
+    Attributes:
+        schedule: microbatches per window (:mod:`gradaccum.schedules`).
+        normalization: ``"mean"`` (default), ``"items"`` or ``"sum"``.
+        partial_window: a pass that ends inside a window ``"step"``s it
+            exactly (default), ``"drop"``s it, or ``"carry"``s it into the
+            next pass.
+        non_finite: a non-finite window gradient ``"skip"``s the step
+            (default), ``"raise"``s, or — with ``"drop_microbatch"`` — each
+            microbatch is checked and a non-finite one is left out.
+        clip: clipping of the final gradient, or ``None``.
+        weights: per-parameter / per-group gradient weights.
+        accumulation_dtype: ``"param"`` (default) or ``"float32"`` (fp32
+            accumulation buffers for low-precision parameters).
+        offload: keep the accumulated gradient on the CPU between microbatches.
+        micro_batch_size: items per microbatch per rank, if constant; used
+            only to report the effective batch size.
+    """
+
+    schedule: Schedule = field(default_factory=lambda: Fixed(1))
+    normalization: Normalization = "mean"
+    partial_window: PartialWindowPolicy = "step"
+    non_finite: NonFinitePolicy = "skip"
+    clip: ClipPolicy | None = None
+    weights: GradientWeights = field(default_factory=GradientWeights)
+    accumulation_dtype: AccumulationDType = "param"
+    offload: bool = False
+    micro_batch_size: int | None = None
+
+    def __init__(
+        self,
+        steps: int | None = None,
+        *,
+        schedule: Schedule | None = None,
+        normalization: Normalization = "mean",
+        partial_window: PartialWindowPolicy = "step",
+        non_finite: NonFinitePolicy = "skip",
+        clip: ClipPolicy | None = None,
+        weights: GradientWeights | None = None,
+        accumulation_dtype: AccumulationDType = "param",
+        offload: bool = False,
+        micro_batch_size: int | None = None,
+    ) -> None:
+        if steps is not None and schedule is not None:
+            raise ConfigError(
+                f"both steps={steps!r} and schedule={schedule!r} given; pass one of them"
+            )
+        if schedule is None:
+            schedule = Fixed(1 if steps is None else steps)
+        if not isinstance(schedule, Schedule):
+            raise ConfigError(
+                f"schedule={schedule!r} is not a gradaccum Schedule; use Fixed(k), "
+                f"ByEpoch({{epoch: k}}), ByStep({{window: k}}), TargetBatch(...) "
+                f"or AdaptiveMicrobatch(...)"
+            )
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        check_choice("partial_window", partial_window, PARTIAL_WINDOW_POLICIES)
+        check_choice("non_finite", non_finite, NON_FINITE_POLICIES)
+        check_choice("accumulation_dtype", accumulation_dtype, ACCUMULATION_DTYPES)
+        if clip is not None and not isinstance(clip, ClipPolicy):
+            raise ConfigError(f"clip={clip!r} must be a ClipPolicy or None")
+        weights = GradientWeights() if weights is None else weights
+        if not isinstance(weights, GradientWeights):
+            raise ConfigError(
+                f"weights={weights!r} must be a GradientWeights; use GradientWeights.of(...)"
+            )
+        if not isinstance(offload, bool):
+            raise ConfigError(f"offload={offload!r} must be True or False")
+        if micro_batch_size is not None and (
+            isinstance(micro_batch_size, bool)
+            or not isinstance(micro_batch_size, int)
+            or micro_batch_size < 1
+        ):
+            raise ConfigError(f"micro_batch_size={micro_batch_size!r} must be an int >= 1 or None")
+        if schedule.requires_items and normalization != "items":
+            raise ConfigError(
+                f"the {schedule.kind!r} schedule makes microbatches of unequal size, which only "
+                f"normalization='items' keeps exact; got normalization={normalization!r}"
+            )
+        for name, value in (
+            ("schedule", schedule),
+            ("normalization", normalization),
+            ("partial_window", partial_window),
+            ("non_finite", non_finite),
+            ("clip", clip),
+            ("weights", weights),
+            ("accumulation_dtype", accumulation_dtype),
+            ("offload", offload),
+            ("micro_batch_size", micro_batch_size),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def isolates_microbatches(self) -> bool:
+        """True when each microbatch's gradient must be computed on its own
+        before it joins the window (per-microbatch clipping or the
+        ``drop_microbatch`` policy)."""
+        return self.non_finite == "drop_microbatch" or (
+            self.clip is not None and self.clip.per_microbatch
+        )
+
+    def replace(self, **changes: Any) -> AccumulationConfig:
+        """A copy with ``changes`` applied and validated."""
+        current = {name: getattr(self, name) for name in _KEYS}
+        current.update(changes)
+        return AccumulationConfig(**current)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form; :meth:`from_dict` inverts it exactly."""
+        return {
+            "schedule": self.schedule.to_dict(),
+            "normalization": self.normalization,
+            "partial_window": self.partial_window,
+            "non_finite": self.non_finite,
+            "clip": None if self.clip is None else self.clip.to_dict(),
+            "weights": self.weights.to_dict(),
+            "accumulation_dtype": self.accumulation_dtype,
+            "offload": self.offload,
+            "micro_batch_size": self.micro_batch_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AccumulationConfig:
+        """Parse and validate the JSON form written by :meth:`to_dict`."""
+        _known_keys("config", data, _KEYS)
+        if "schedule" not in data:
+            raise ConfigError(
+                "config needs a 'schedule' entry such as {'kind': 'fixed', 'steps': 4}"
+            )
+        clip = data.get("clip")
+        weights = data.get("weights")
+        return cls(
+            schedule=schedule_from_dict(data["schedule"]),
+            normalization=data.get("normalization", "mean"),
+            partial_window=data.get("partial_window", "step"),
+            non_finite=data.get("non_finite", "skip"),
+            clip=None if clip is None else ClipPolicy.from_dict(clip),
+            weights=None if weights is None else GradientWeights.from_dict(weights),
+            accumulation_dtype=data.get("accumulation_dtype", "param"),
+            offload=data.get("offload", False),
+            micro_batch_size=data.get("micro_batch_size"),
+        )

@@ -1,0 +1,605 @@
+"""The accumulation state and its pure transitions.
+
+Every function here takes a config and a state and returns a *new* state and
+a *decision*; nothing is mutated and nothing touches a tensor. Adapters apply
+decisions (scale the loss, enter no-sync, rescale, clip, step, zero); they
+never re-derive them. The life of one window::
+
+    begin_microbatch -> end_microbatch      (position 0 .. k-2: accumulate)
+    begin_microbatch -> end_microbatch      (position k-1: boundary, returns a WindowDecision)
+    commit                                  (step or skip; returns a CommitDecision)
+
+and at the end of a pass, :func:`end_pass` applies the partial-window policy.
+Spec references (``ACC-…``) point into ``spec/accumulation.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeAlias
+
+from gradaccum.config import AccumulationConfig
+from gradaccum.errors import ConfigError, ItemCountError, UsageError
+from gradaccum.policies import ClipPolicy
+from gradaccum.schedules import AdaptiveMicrobatch
+
+__all__ = [
+    "SINGLE_PROCESS",
+    "STATE_VERSION",
+    "AccumulationState",
+    "CommitDecision",
+    "MicrobatchDecision",
+    "Outcome",
+    "PassDecision",
+    "Phase",
+    "Topology",
+    "WindowDecision",
+    "begin_microbatch",
+    "cancel_microbatch",
+    "commit",
+    "end_microbatch",
+    "end_pass",
+]
+
+STATE_VERSION = 1
+
+Outcome: TypeAlias = Literal["stepped", "amp_overflow", "non_finite", "empty"]
+
+
+class Phase(enum.Enum):
+    """Where the machine is inside a window."""
+
+    IDLE = "idle"
+    """Between microbatches: the only phase in which a state can be saved."""
+    MICROBATCH = "microbatch"
+    """A microbatch has begun; its backward has not finished."""
+    BOUNDARY = "boundary"
+    """The window has closed; the step has not been committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """How gradients are communicated: ``world_size`` ranks, and whether the
+    communication *averages* (DDP's all-reduce does) or sums them."""
+
+    world_size: int = 1
+    averages: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
+            raise ConfigError(f"world_size={self.world_size!r} must be an int >= 1")
+        if self.world_size < 1:
+            raise ConfigError(f"world_size={self.world_size!r} must be >= 1")
+
+
+SINGLE_PROCESS = Topology()
+"""One rank: no communication."""
+
+
+@dataclass(frozen=True, slots=True)
+class MicrobatchDecision:
+    """What to do for the microbatch that begins now.
+
+    Attributes:
+        index: position of this microbatch in its window, from 0.
+        window_size: the planned number of microbatches in the window.
+        is_boundary: this is the last microbatch of its window; after its
+            backward the window closes.
+        sync_gradients: communicate gradients in this backward (forward
+            included, for DDP). True exactly on boundaries (ACC-D1).
+        loss_multiplier: multiply the loss by this before backward.
+        isolate: compute this microbatch's gradient on its own before adding
+            it to the window (per-microbatch clipping or ``drop_microbatch``).
+        clip: the per-microbatch clip to apply to the isolated gradient.
+        ends_pass: this microbatch is the last of its pass.
+    """
+
+    index: int
+    window_size: int
+    is_boundary: bool
+    sync_gradients: bool
+    loss_multiplier: float
+    isolate: bool
+    clip: ClipPolicy | None
+    ends_pass: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WindowDecision:
+    """What to do to the accumulated gradient when a window closes, in this
+    order (ACC-B1): sync if ``needs_manual_sync``; multiply by
+    ``grad_multiplier``; divide by the window's item count over all ranks if
+    ``divide_by_world_items``; unscale (AMP); check for non-finite values;
+    clip with ``clip``; apply the gradient weights if ``apply_weights``; then
+    ask :func:`commit` whether to step.
+
+    ``grad_multiplier == 1.0`` and ``divide_by_world_items == False`` means
+    the gradient is already exact and needs no pass over it.
+    """
+
+    window_size: int
+    contributing: int
+    items: int
+    grad_multiplier: float
+    divide_by_world_items: bool
+    needs_manual_sync: bool
+    clip: ClipPolicy | None
+    apply_weights: bool
+    empty: bool
+    partial: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommitDecision:
+    """The verdict on a closed window.
+
+    Attributes:
+        outcome: ``"stepped"``, ``"amp_overflow"`` (the GradScaler found
+            inf/nan: skip, the scaler lowers its scale), ``"non_finite"``
+            (a non-finite gradient without AMP), or ``"empty"`` (every
+            microbatch was dropped or the window had no items).
+        step_optimizer: call ``optimizer.step()`` (through the scaler under AMP).
+        step_scheduler: step the LR scheduler: exactly when the optimizer
+            stepped (ACC-S3).
+        raise_error: the non-finite policy is ``raise``: after zeroing the
+            gradients, raise :class:`~gradaccum.errors.NonFiniteGradientError`.
+    """
+
+    outcome: Outcome
+    step_optimizer: bool
+    step_scheduler: bool
+    raise_error: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PassDecision:
+    """What the end of a pass does with an open window.
+
+    ``action`` is ``"none"`` (no window open), ``"close"`` (policy ``step``:
+    apply ``window`` as at a boundary, then :func:`commit`), ``"discard"``
+    (policy ``drop``: zero the gradients) or ``"carry"`` (keep them; the
+    window continues in the next pass).
+    """
+
+    action: Literal["none", "close", "discard", "carry"]
+    window: WindowDecision | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccumulationState:
+    """Where accumulation stands. Counters only ever grow (ACC-C1).
+
+    Attributes:
+        epoch: passes completed.
+        position: microbatches completed in the open window.
+        window_size: planned size of the open window (0 when none is open).
+        contributing: microbatches of the open window whose gradient counts.
+        items_in_window: items counted in the open window on this rank.
+        items_total: items of all committed (stepped) windows, over all ranks when known.
+        micro_steps: microbatches completed, dropped ones included.
+        optimizer_steps: successful optimizer steps: the *effective step*.
+        skipped_steps: closed windows that did not step.
+        windows: closed windows (stepped + skipped).
+        dropped_microbatches: microbatches left out by ``drop_microbatch``.
+        dropped_windows: partial windows discarded by the ``drop`` policy.
+        synced_in_window: a backward of the open window communicated.
+        device_items: some item count of the open window lives on the device.
+        schedule_state: the schedule's JSON state (adaptive schedules).
+        phase: see :class:`Phase`; not saved (states are saved only when idle).
+    """
+
+    epoch: int = 0
+    position: int = 0
+    window_size: int = 0
+    contributing: int = 0
+    items_in_window: int = 0
+    items_total: int = 0
+    micro_steps: int = 0
+    optimizer_steps: int = 0
+    skipped_steps: int = 0
+    windows: int = 0
+    dropped_microbatches: int = 0
+    dropped_windows: int = 0
+    synced_in_window: bool = False
+    device_items: bool = False
+    schedule_state: Mapping[str, Any] = field(default_factory=dict)
+    phase: Phase = Phase.IDLE
+    current: MicrobatchDecision | None = None
+    current_items: int = 0
+    current_device_items: bool = False
+    pending: WindowDecision | None = None
+    epoch_end_pending: bool = False
+
+    @classmethod
+    def initial(cls, config: AccumulationConfig) -> AccumulationState:
+        """The state before the first microbatch."""
+        return cls(schedule_state=config.schedule.initial_state())
+
+    @property
+    def is_accumulating(self) -> bool:
+        """True while a window is open (some microbatch ran since the last boundary)."""
+        return self.position > 0 or self.phase is Phase.MICROBATCH
+
+    def state_dict(self) -> dict[str, Any]:
+        """The JSON form saved in checkpoints (``state`` in the manifest).
+
+        Raises :class:`UsageError` unless the machine is between microbatches.
+        """
+        if self.phase is not Phase.IDLE:
+            raise UsageError(
+                f"cannot save the accumulation state during phase {self.phase.value!r}; "
+                f"save between microbatches (after backward() returns)"
+            )
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "position": self.position,
+            "window_size": self.window_size,
+            "contributing": self.contributing,
+            "items_in_window": self.items_in_window,
+            "items_total": self.items_total,
+            "micro_steps": self.micro_steps,
+            "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+            "windows": self.windows,
+            "dropped_microbatches": self.dropped_microbatches,
+            "dropped_windows": self.dropped_windows,
+            "synced_in_window": self.synced_in_window,
+            "device_items": self.device_items,
+            "schedule_state": dict(self.schedule_state),
+        }
+
+    @classmethod
+    def from_state_dict(cls, data: Mapping[str, Any]) -> AccumulationState:
+        """Parse and validate :meth:`state_dict` output; raises :class:`ConfigError`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"accumulation state must be a mapping, got {type(data).__name__}")
+        version = data.get("version")
+        if version != STATE_VERSION:
+            raise ConfigError(
+                f"accumulation state version {version!r} is not supported; "
+                f"this release reads version {STATE_VERSION}"
+            )
+        expected = set(_INT_FIELDS) | {
+            "version",
+            "synced_in_window",
+            "device_items",
+            "schedule_state",
+        }
+        missing, unknown = expected - set(data), set(data) - expected
+        if missing or unknown:
+            raise ConfigError(
+                f"accumulation state has missing keys {sorted(missing)} and unknown keys "
+                f"{sorted(unknown)}; it was not written by a compatible gradaccum"
+            )
+        values: dict[str, Any] = {}
+        for name in _INT_FIELDS:
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"accumulation state {name}={value!r} must be an integer >= 0")
+            values[name] = value
+        for name in ("synced_in_window", "device_items"):
+            if not isinstance(data[name], bool):
+                raise ConfigError(f"accumulation state {name}={data[name]!r} must be a bool")
+            values[name] = data[name]
+        if not isinstance(data["schedule_state"], Mapping):
+            raise ConfigError("accumulation state schedule_state must be a mapping")
+        if values["position"] > values["window_size"]:
+            raise ConfigError(
+                f"accumulation state position={values['position']} exceeds "
+                f"window_size={values['window_size']}"
+            )
+        if values["contributing"] > values["position"]:
+            raise ConfigError(
+                f"accumulation state contributing={values['contributing']} exceeds "
+                f"position={values['position']}"
+            )
+        return cls(schedule_state=dict(data["schedule_state"]), **values)
+
+
+_INT_FIELDS = (
+    "epoch",
+    "position",
+    "window_size",
+    "contributing",
+    "items_in_window",
+    "items_total",
+    "micro_steps",
+    "optimizer_steps",
+    "skipped_steps",
+    "windows",
+    "dropped_microbatches",
+    "dropped_windows",
+)
+
+
+def _check_items(config: AccumulationConfig, items: object, items_on_device: bool) -> int:
+    if items_on_device:
+        if config.normalization != "items":
+            raise ItemCountError(
+                f"items_on_device=True only applies to normalization='items'; "
+                f"the normalization is {config.normalization!r}"
+            )
+        return 0
+    if items is None:
+        if config.normalization == "items":
+            raise ItemCountError(
+                "normalization='items' needs the microbatch's item count (tokens, samples, "
+                "pixels, ... that the summed loss covers); pass items=<int> or a device tensor"
+            )
+        return 0
+    if isinstance(items, bool) or not isinstance(items, int):
+        raise ItemCountError(
+            f"items={items!r} must be a non-negative integer count (type "
+            f"{type(items).__name__} given); for a count held in a tensor let the adapter "
+            f"keep it on the device"
+        )
+    if items < 0:
+        raise ItemCountError(f"items={items} is negative; item counts must be >= 0")
+    return items
+
+
+def begin_microbatch(
+    config: AccumulationConfig,
+    state: AccumulationState,
+    *,
+    items: int | None = None,
+    items_on_device: bool = False,
+    last_in_pass: bool = False,
+    remaining_in_pass: int | None = None,
+) -> tuple[AccumulationState, MicrobatchDecision]:
+    """Open a microbatch and decide how to run it.
+
+    Args:
+        items: this rank's item count for the microbatch; required under
+            ``items`` normalization unless ``items_on_device``.
+        items_on_device: the count is a device tensor the adapter sums itself.
+        last_in_pass: this microbatch is the last of the pass (known from a
+            one-ahead look at the data, never from prefetching a window).
+        remaining_in_pass: microbatches left in the pass, this one included,
+            when the pass length is known; lets a short last window be
+            planned exactly from its start.
+
+    A window opens on its first microbatch; its size comes from the
+    schedule, truncated to ``remaining_in_pass`` under the ``step`` policy.
+    Raises :class:`UsageError` if a microbatch or a boundary is pending and
+    :class:`ItemCountError` for a bad count, before any state changes.
+    """
+    if state.phase is not Phase.IDLE:
+        if state.phase is Phase.MICROBATCH:
+            raise UsageError(
+                "a microbatch is already open: call backward() for it before starting another"
+            )
+        raise UsageError("the window has closed but its step was not committed; call commit()")
+    count = _check_items(config, items, items_on_device)
+    if remaining_in_pass is not None and (
+        isinstance(remaining_in_pass, bool)
+        or not isinstance(remaining_in_pass, int)
+        or remaining_in_pass < 1
+    ):
+        raise UsageError(
+            f"remaining_in_pass={remaining_in_pass!r} must count this microbatch too (>= 1)"
+        )
+    if state.position == 0:
+        window_size = config.schedule.steps(state.epoch, state.windows, state.schedule_state)
+        if remaining_in_pass is not None and config.partial_window == "step":
+            window_size = min(window_size, remaining_in_pass)
+    else:
+        window_size = state.window_size
+    index = state.position
+    ends_pass = last_in_pass or remaining_in_pass == 1
+    is_boundary = index + 1 >= window_size or (ends_pass and config.partial_window == "step")
+    clip = config.clip if config.clip is not None and config.clip.per_microbatch else None
+    decision = MicrobatchDecision(
+        index=index,
+        window_size=window_size,
+        is_boundary=is_boundary,
+        sync_gradients=is_boundary,
+        loss_multiplier=1.0 / window_size if config.normalization == "mean" else 1.0,
+        isolate=config.isolates_microbatches,
+        clip=clip,
+        ends_pass=ends_pass,
+    )
+    new_state = replace(
+        state,
+        window_size=window_size,
+        phase=Phase.MICROBATCH,
+        current=decision,
+        current_items=count,
+        current_device_items=items_on_device,
+    )
+    return new_state, decision
+
+
+def _window_decision(
+    config: AccumulationConfig, state: AccumulationState, topology: Topology, *, partial: bool
+) -> WindowDecision:
+    contributing = state.contributing
+    world = topology.world_size
+    divide_by_world_items = False
+    grad_multiplier = 1.0
+    empty = contributing == 0
+    if config.normalization == "mean" and not empty:
+        # Loss multipliers were 1/window_size; a window that ran fewer
+        # contributing microbatches is rescaled so the weights sum to one.
+        grad_multiplier = state.window_size / contributing
+    elif config.normalization == "items" and not empty:
+        if state.device_items or world > 1:
+            divide_by_world_items = True
+            grad_multiplier = float(world) if topology.averages else 1.0
+        elif state.items_in_window == 0:
+            empty = True
+        else:
+            grad_multiplier = 1.0 / state.items_in_window
+    return WindowDecision(
+        window_size=state.window_size,
+        contributing=contributing,
+        items=state.items_in_window,
+        grad_multiplier=grad_multiplier,
+        divide_by_world_items=divide_by_world_items,
+        needs_manual_sync=world > 1 and not state.synced_in_window,
+        clip=None if config.clip is None or config.clip.per_microbatch else config.clip,
+        apply_weights=not config.weights.is_identity,
+        empty=empty,
+        partial=partial,
+    )
+
+
+def end_microbatch(
+    config: AccumulationConfig,
+    state: AccumulationState,
+    *,
+    dropped: bool = False,
+    topology: Topology = SINGLE_PROCESS,
+) -> tuple[AccumulationState, WindowDecision | None]:
+    """Record that the open microbatch's backward finished.
+
+    ``dropped=True`` (``drop_microbatch`` policy) records that its gradient
+    was non-finite and left out: it still takes its slot in the window but
+    neither its gradient nor its items count. Returns the
+    :class:`WindowDecision` when this microbatch closes its window.
+    """
+    if state.phase is not Phase.MICROBATCH or state.current is None:
+        raise UsageError("backward() was called outside a microbatch; open one first")
+    if dropped and config.non_finite != "drop_microbatch":
+        raise UsageError(
+            f"a microbatch can be dropped only under non_finite='drop_microbatch'; "
+            f"the policy is {config.non_finite!r}"
+        )
+    current = state.current
+    keep = not dropped
+    after = replace(
+        state,
+        position=state.position + 1,
+        micro_steps=state.micro_steps + 1,
+        contributing=state.contributing + keep,
+        items_in_window=state.items_in_window + (state.current_items if keep else 0),
+        dropped_microbatches=state.dropped_microbatches + dropped,
+        synced_in_window=state.synced_in_window or current.sync_gradients,
+        device_items=state.device_items or (keep and state.current_device_items),
+        phase=Phase.IDLE,
+        current=None,
+        current_items=0,
+        current_device_items=False,
+    )
+    if not current.is_boundary:
+        return after, None
+    partial = after.position < after.window_size
+    decision = _window_decision(config, after, topology, partial=partial)
+    return replace(after, phase=Phase.BOUNDARY, pending=decision), decision
+
+
+def commit(
+    config: AccumulationConfig,
+    state: AccumulationState,
+    *,
+    found_inf: bool = False,
+    amp_overflow: bool = False,
+    world_items: int | None = None,
+) -> tuple[AccumulationState, CommitDecision]:
+    """Decide the fate of the closed window and reset for the next one.
+
+    Args:
+        found_inf: the final gradient holds inf or nan (checked after unscaling).
+        amp_overflow: the AMP GradScaler found inf/nan; the step is skipped
+            whatever the non-finite policy, as loss scaling expects.
+        world_items: the window's item count over all ranks, if the adapter
+            learned it at the boundary; recorded in ``items_total``.
+
+    The scheduler steps exactly when the optimizer steps (ACC-S3): never
+    on a skipped or empty window.
+    """
+    if state.phase is not Phase.BOUNDARY or state.pending is None:
+        raise UsageError("commit() needs a closed window; no window is waiting for its step")
+    pending = state.pending
+    outcome: Outcome
+    if pending.empty:
+        outcome = "empty"
+    elif amp_overflow:
+        outcome = "amp_overflow"
+    elif found_inf:
+        outcome = "non_finite"
+    else:
+        outcome = "stepped"
+    stepped = outcome == "stepped"
+    window_items = world_items if world_items is not None else pending.items
+    schedule_state = state.schedule_state
+    if isinstance(config.schedule, AdaptiveMicrobatch):
+        schedule_state = config.schedule.after_window(schedule_state)
+    new_state = replace(
+        state,
+        epoch=state.epoch + state.epoch_end_pending,
+        position=0,
+        window_size=0,
+        contributing=0,
+        items_in_window=0,
+        items_total=state.items_total + (window_items if stepped else 0),
+        optimizer_steps=state.optimizer_steps + stepped,
+        skipped_steps=state.skipped_steps + (not stepped),
+        windows=state.windows + 1,
+        synced_in_window=False,
+        device_items=False,
+        schedule_state=schedule_state,
+        phase=Phase.IDLE,
+        pending=None,
+        epoch_end_pending=False,
+    )
+    decision = CommitDecision(
+        outcome=outcome,
+        step_optimizer=stepped,
+        step_scheduler=stepped,
+        raise_error=outcome == "non_finite" and config.non_finite == "raise",
+    )
+    return new_state, decision
+
+
+def end_pass(
+    config: AccumulationConfig,
+    state: AccumulationState,
+    *,
+    topology: Topology = SINGLE_PROCESS,
+) -> tuple[AccumulationState, PassDecision]:
+    """End a pass over the data (an epoch) and apply the partial-window policy.
+
+    With no open window the epoch simply advances. With one open:
+    ``step`` closes it (the returned window decision makes it exact; the
+    epoch advances at :func:`commit`), ``drop`` discards it, ``carry`` keeps
+    it open into the next pass.
+    """
+    if state.phase is not Phase.IDLE:
+        raise UsageError(
+            f"the pass cannot end during phase {state.phase.value!r}; finish the microbatch "
+            f"(backward) and let the boundary commit first"
+        )
+    if state.position == 0:
+        return replace(state, epoch=state.epoch + 1), PassDecision("none")
+    if config.partial_window == "step":
+        decision = _window_decision(config, state, topology, partial=True)
+        closing = replace(state, phase=Phase.BOUNDARY, pending=decision, epoch_end_pending=True)
+        return closing, PassDecision("close", decision)
+    if config.partial_window == "drop":
+        dropped = replace(
+            state,
+            epoch=state.epoch + 1,
+            position=0,
+            window_size=0,
+            contributing=0,
+            items_in_window=0,
+            synced_in_window=False,
+            device_items=False,
+            dropped_windows=state.dropped_windows + 1,
+        )
+        return dropped, PassDecision("discard")
+    return replace(state, epoch=state.epoch + 1), PassDecision("carry")
+
+
+def cancel_microbatch(state: AccumulationState) -> AccumulationState:
+    """Forget the open microbatch, as if it never began (for an exception
+    raised inside its forward, before any gradient was accumulated)."""
+    if state.phase is not Phase.MICROBATCH:
+        return state
+    return replace(
+        state, phase=Phase.IDLE, current=None, current_items=0, current_device_items=False
+    )
