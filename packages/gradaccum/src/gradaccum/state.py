@@ -256,6 +256,8 @@ class AccumulationState:
         """Parse and validate :meth:`state_dict` output; raises :class:`ConfigError`."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"accumulation state must be a mapping, got {type(data).__name__}")
+        # ``device_items`` is optional in the v1 format: absent means False.
+        data = {"device_items": False, **data}
         version = data.get("version")
         if version != STATE_VERSION:
             raise ConfigError(

@@ -1,0 +1,40 @@
+"""gradaccum-torch: exact, fast gradient accumulation for plain PyTorch loops.
+
+>>> acc = Accumulator(model, optimizer, steps=4)           # doctest: +SKIP
+>>> for x, y in acc.iterate(loader):                        # doctest: +SKIP
+...     with acc.microbatch():
+...         acc.backward(loss_fn(model(x), y))
+"""
+
+from __future__ import annotations
+
+from gradaccum import (
+    AccumulationConfig,
+    AdaptiveMicrobatch,
+    ByEpoch,
+    ByStep,
+    ClipPolicy,
+    Fixed,
+    GradientWeights,
+    TargetBatch,
+)
+from gradaccum_torch.accumulator import PRODUCER, Accumulator
+from gradaccum_torch.naming import canonical_name, named_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRODUCER",
+    "AccumulationConfig",
+    "Accumulator",
+    "AdaptiveMicrobatch",
+    "ByEpoch",
+    "ByStep",
+    "ClipPolicy",
+    "Fixed",
+    "GradientWeights",
+    "TargetBatch",
+    "__version__",
+    "canonical_name",
+    "named_parameters",
+]
