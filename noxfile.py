@@ -1,0 +1,178 @@
+"""Every check of the gradaccum monorepo. `nox` runs the default set; `nox -l` lists them all.
+
+Torch rule: the only torch we ever install is the CPython 3.11 CPU wheel `torch==2.13.0`, so every
+session that needs torch runs on 3.11 and installs torch first, pinned for the rest of the session
+(any other torch would pull gigabytes of CUDA packages). Packages that depend on torch declare
+`torch>=2.3`, which the pin satisfies.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.error_on_missing_interpreters = False  # a Python you do not have is skipped, not failed
+nox.options.sessions = ["lint", "typecheck", "core", "tests", "conformance", "docs"]
+
+ROOT = Path(__file__).resolve().parent
+TORCH = "torch==2.13.0"
+CORE_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _discover() -> dict[str, str]:
+    """Distribution name -> folder (relative to the root) for each package with a pyproject.toml."""
+    pyprojects = sorted(ROOT.glob("packages/*/pyproject.toml")) + sorted(
+        ROOT.glob("conformance/pyproject.toml")
+    )
+    local = {}
+    for pyproject in pyprojects:
+        name = nox.project.load_toml(pyproject)["project"]["name"]
+        local[_normalize(name)] = pyproject.parent.relative_to(ROOT).as_posix()
+    return local
+
+
+LOCAL = _discover()
+ADAPTERS = [
+    name
+    for name, folder in LOCAL.items()
+    if folder.startswith("packages/gradaccum-") and (ROOT / folder / "tests").is_dir()
+]
+
+
+def _local_requires(name: str, *, test: bool) -> list[str]:
+    """The local distributions that `name` depends on (and, with test=True, its [test] extra)."""
+    project = nox.project.load_toml(ROOT / LOCAL[name] / "pyproject.toml")["project"]
+    requirements = list(project.get("dependencies", []))
+    if test:
+        requirements += project.get("optional-dependencies", {}).get("test", [])
+    names = [re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", r) for r in requirements]
+    return [_normalize(m.group(1)) for m in names if m and _normalize(m.group(1)) in LOCAL]
+
+
+def _install_local(session: nox.Session, *targets: str) -> None:
+    """pip install -e each target with its [test] extra, plus every local package it needs.
+
+    Local dependencies must come from this checkout: left to pip, `gradaccum-torch` would be
+    looked up on PyPI.
+    """
+    needed: list[str] = []
+    todo = [dep for target in targets for dep in _local_requires(target, test=True)]
+    while todo:
+        name = todo.pop()
+        if name not in needed and name not in targets:
+            needed.append(name)
+            todo += _local_requires(name, test=False)
+    args = []
+    for name in targets:
+        args += ["-e", f"{LOCAL[name]}[test]"]
+    for name in needed:
+        args += ["-e", LOCAL[name]]
+    session.install(*args)
+
+
+def _install_torch(session: nox.Session) -> None:
+    """Install the CPU torch wheel first and pin it for every later install in this session."""
+    if session.python != "3.11":
+        session.error(f"{TORCH} exists only for CPython 3.11; this session runs {session.python}")
+    constraints = Path(session.create_tmp()) / "torch-constraint.txt"
+    constraints.write_text(TORCH + "\n")
+    session.env["PIP_CONSTRAINT"] = str(constraints)
+    session.install(TORCH)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting, configured in the root pyproject.toml."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over every package's src, the core's tests, benchmarks and this file."""
+    _install_torch(session)
+    _install_local(session, *LOCAL)
+    session.install("mypy>=1.10", "nox")
+    session.run("mypy", "--strict", *[f"{folder}/src" for folder in LOCAL.values()])
+    # Separate runs: several folders hold top-level modules with the same names (tests, conftest).
+    if (ROOT / "packages/gradaccum/tests").is_dir():
+        session.run("mypy", "--strict", "packages/gradaccum/tests")
+    if list(ROOT.glob("benchmarks/**/*.py")):
+        session.run("mypy", "--strict", "benchmarks")
+    session.run("mypy", "--strict", "noxfile.py")
+
+
+NO_TORCH = (
+    "import importlib.util, sys; "
+    "sys.exit('torch is importable: the core must be tested without it' "
+    "if importlib.util.find_spec('torch') else 0)"
+)
+
+
+@nox.session(python=CORE_PYTHONS)
+def core(session: nox.Session) -> None:
+    """The core on every supported Python, in an environment without torch."""
+    session.install("-e", "packages/gradaccum[test]")
+    session.run("python", "-c", NO_TORCH)
+    session.run("python", "-c", "import gradaccum")
+    session.run("pytest", "packages/gradaccum/tests", *session.posargs)
+
+
+@nox.session(python="3.11")
+@nox.parametrize("package", ADAPTERS, ids=ADAPTERS)
+def tests(session: nox.Session, package: str) -> None:
+    """One adapter package's own tests, with torch, the core and the conformance plugin."""
+    _install_torch(session)
+    _install_local(session, package, *[n for n in ("gradaccum-conformance",) if n in LOCAL])
+    session.run("pytest", f"{LOCAL[package]}/tests", *session.posargs)
+
+
+@nox.session(python="3.11")
+def conformance(session: nox.Session) -> None:
+    """The conformance suite's own tests (meta-tests against planted bugs included)."""
+    if "gradaccum-conformance" not in LOCAL or not (ROOT / "conformance/tests").is_dir():
+        session.skip("conformance/ has no pyproject.toml or no tests/ yet: nothing to run")
+    _install_torch(session)
+    harnesses = [n for n in ("gradaccum-torch",) if n in LOCAL]
+    _install_local(session, "gradaccum-conformance", *harnesses)
+    session.run("pytest", "conformance/tests", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """mkdocs build --strict: any warning (a broken link, a missing spec snippet) is an error."""
+    session.install("mkdocs-material>=9.5,<10", "pymdown-extensions>=10")
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # a vendor notice, not a build warning
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(python="3.11", default=False)
+def demo(session: nox.Session) -> None:
+    """Run the gradaccum-torch demo: a short training run, exact against one large batch."""
+    package = ROOT / "packages/gradaccum-torch/src/gradaccum_torch"
+    if "gradaccum-torch" not in LOCAL or not (
+        (package / "demo.py").is_file() or (package / "demo/__main__.py").is_file()
+    ):
+        session.skip("gradaccum_torch.demo does not exist yet")
+    _install_torch(session)
+    _install_local(session, "gradaccum-torch")
+    session.run("python", "-m", "gradaccum_torch.demo", *session.posargs)
+
+
+@nox.session(python="3.11", default=False)
+def bench(session: nox.Session) -> None:
+    """Paired benchmarks against hand-written loops; prints a table."""
+    if not (ROOT / "benchmarks/run.py").is_file():
+        session.skip("benchmarks/run.py does not exist yet")
+    _install_torch(session)
+    _install_local(session, *[n for n in LOCAL if n != "gradaccum-conformance"])
+    session.run("python", "benchmarks/run.py", *session.posargs)
