@@ -603,5 +603,11 @@ def cancel_microbatch(state: AccumulationState) -> AccumulationState:
     if state.phase is not Phase.MICROBATCH:
         return state
     return replace(
-        state, phase=Phase.IDLE, current=None, current_items=0, current_device_items=False
+        state,
+        # A window opened by this microbatch closes again, as if never opened.
+        window_size=state.window_size if state.position > 0 else 0,
+        phase=Phase.IDLE,
+        current=None,
+        current_items=0,
+        current_device_items=False,
     )
