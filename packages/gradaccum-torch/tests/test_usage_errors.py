@@ -94,7 +94,7 @@ def test_microbatch_without_backward() -> None:
     """ACC-E1: a microbatch context that never calls backward is an error and is not counted."""
     model, acc = _acc(steps=2)
     before = _snapshot(model, acc)
-    with pytest.raises(UsageError, match="without acc.backward"), acc.microbatch():
+    with pytest.raises(UsageError, match=r"without acc\.backward"), acc.microbatch():
         pass
     _same(before, model, acc)
 
@@ -129,9 +129,8 @@ def test_bad_item_counts(items: object, pattern: str) -> None:
     """ACC-E2: items mode needs a non-negative integer count per microbatch."""
     model, acc = _acc(steps=2, normalization="items")
     before = _snapshot(model, acc)
-    with pytest.raises(ItemCountError, match=pattern):
-        with acc.microbatch(items=items):  # type: ignore[arg-type]
-            pass
+    with pytest.raises(ItemCountError, match=pattern), acc.microbatch(items=items):  # type: ignore[arg-type]
+        pass
     _same(before, model, acc)
 
 
@@ -158,7 +157,7 @@ def test_weight_pattern_that_matches_nothing() -> None:
 
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ConfigError, match="'encoder.*' matches no parameter"):
+    with pytest.raises(ConfigError, match=r"'encoder\.\*' matches no parameter"):
         Accumulator(model, opt, steps=2, weights=GradientWeights.of({"encoder.*": 0.5}))
 
 
@@ -219,7 +218,7 @@ def test_checkpoint_with_a_corrupt_file_changes_nothing(tmp_path: Path) -> None:
 def test_mid_window_checkpoint_refuses_a_different_normalization(tmp_path: Path) -> None:
     """ACC-R3: in-flight gradients carry their normalization; resuming under another is refused."""
     path = _mid_window(tmp_path)
-    model, acc = _acc(steps=4, normalization="mean")
+    _, acc = _acc(steps=4, normalization="mean")
     with pytest.raises(CheckpointMismatchError, match="normalization='items'"):
         acc.load(path)
     assert acc.stats.micro_steps == 0
@@ -227,7 +226,7 @@ def test_mid_window_checkpoint_refuses_a_different_normalization(tmp_path: Path)
 
 def test_save_inside_a_microbatch_is_refused(tmp_path: Path) -> None:
     """ACC-R2: checkpoints are taken between microbatches only."""
-    model, acc = _acc(steps=2)
+    _, acc = _acc(steps=2)
     with pytest.raises(UsageError, match="inside a microbatch"), acc.microbatch():
         acc.save(tmp_path / "c")
     assert not (tmp_path / "c").exists()
