@@ -1,0 +1,77 @@
+"""The gradaccum checkpoint format, version 1 (normative text: ``spec/checkpoint-v1.md``).
+
+A checkpoint is a directory: ``manifest.json`` (format version, spec version,
+producer, accumulation state, config, a tensor index with SHA-256 checksums,
+per-role metadata) and one safetensors file per role. It is written
+atomically, read without pickle, and verified in full before anything is
+returned.
+
+>>> from gradaccum.checkpoint import Producer, RawTensor, encode_safetensors
+>>> blob = encode_safetensors({"w": RawTensor("F32", (1,), b"\\x00\\x00\\x80?")})
+>>> # write_checkpoint("ckpt", state=..., config=..., files={"gradients": blob},
+>>> #                  producer=Producer("my-adapter", "1.0"))
+"""
+
+from __future__ import annotations
+
+from gradaccum.checkpoint.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    OPTIONAL_STATE_KEYS,
+    ROLE_PATTERN,
+    SPEC_VERSION,
+    STATE_KEYS,
+    SUPPORTED_FORMAT_VERSIONS,
+    FileEntry,
+    Manifest,
+    Producer,
+    TensorEntry,
+)
+from gradaccum.checkpoint.safetensors_io import (
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    RawTensor,
+    SafetensorsHeader,
+    TensorInfo,
+    decode_safetensors,
+    encode_safetensors,
+    read_safetensors_header,
+)
+from gradaccum.checkpoint.schema import SchemaValidator, SchemaViolation, manifest_schema
+from gradaccum.checkpoint.store import (
+    Checkpoint,
+    read_checkpoint,
+    validate_checkpoint,
+    write_checkpoint,
+)
+
+__all__ = [
+    "DTYPE_SIZES",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MAX_HEADER_BYTES",
+    "OPTIONAL_STATE_KEYS",
+    "ROLE_PATTERN",
+    "SPEC_VERSION",
+    "STATE_KEYS",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "Checkpoint",
+    "FileEntry",
+    "Manifest",
+    "Producer",
+    "RawTensor",
+    "SafetensorsHeader",
+    "SchemaValidator",
+    "SchemaViolation",
+    "TensorEntry",
+    "TensorInfo",
+    "decode_safetensors",
+    "encode_safetensors",
+    "manifest_schema",
+    "read_checkpoint",
+    "read_safetensors_header",
+    "validate_checkpoint",
+    "write_checkpoint",
+]

@@ -1,0 +1,190 @@
+"""Atomic replacement of a whole directory (spec promises CKPT-12, CKPT-13).
+
+The new content is written into a temporary sibling ``.<name>.tmp-<random>``
+(each file written and fsynced, then the directory fsynced) and put in place:
+
+* target absent: ``rename(tmp, target)``;
+* target present, Linux ``renameat2(RENAME_EXCHANGE)`` available: the two
+  directories swap in one atomic step, then the old one (now at the temporary
+  name) is deleted;
+* otherwise: ``rename(target, .<name>.old-<random>)`` then
+  ``rename(tmp, target)``. A crash between the two leaves no ``target`` but a
+  complete ``.old-`` sibling, which :func:`locate` returns to readers.
+
+The parent directory is fsynced after each rename. A crash at any moment
+therefore leaves at ``target`` (or, in the fallback's one gap, at the
+``.old-`` sibling) either the old complete directory or the new complete one.
+Leftover temporaries are ignored by readers and removed by the next write.
+Only one writer per target at a time is supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+__all__ = [
+    "OLD_INFIX",
+    "TMP_INFIX",
+    "exchange_supported",
+    "locate",
+    "replace_directory",
+    "stale_siblings",
+]
+
+TMP_INFIX = ".tmp-"
+OLD_INFIX = ".old-"
+
+_RENAME_EXCHANGE = 2
+
+_renameat2: Callable[..., int] | None = None
+if sys.platform.startswith("linux"):  # pragma: no branch
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)  # the running process: libc included
+        _renameat2 = _libc.renameat2
+        _renameat2.argtypes = [
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_uint,
+        ]
+        _renameat2.restype = ctypes.c_int
+    except (OSError, AttributeError):  # pragma: no cover - glibc < 2.28, musl, ...
+        _renameat2 = None
+
+# Set to False (tests do) to force the rename-aside fallback.
+_USE_EXCHANGE = True
+
+
+def exchange_supported() -> bool:
+    """True when ``renameat2(RENAME_EXCHANGE)`` is reachable through libc."""
+    return _renameat2 is not None and _USE_EXCHANGE
+
+
+def _exchange(parent_fd: int, a: str, b: str) -> bool:
+    """Swap ``a`` and ``b`` inside ``parent_fd``; False when the kernel or
+    file system does not support it (then nothing happened)."""
+    if _renameat2 is None or not _USE_EXCHANGE:
+        return False
+    if _renameat2(parent_fd, os.fsencode(a), parent_fd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, f"renameat2({a!r}, {b!r}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
+
+
+def _fsync_dir(path: Path | str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - e.g. file systems that refuse directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stale_siblings(target: Path, infix: str) -> list[Path]:
+    """Siblings ``.<name><infix>*`` of ``target`` (temporaries or set-aside copies)."""
+    prefix = f".{target.name}{infix}"
+    try:
+        names = os.listdir(target.parent)
+    except FileNotFoundError:
+        return []
+    return [target.parent / n for n in sorted(names) if n.startswith(prefix)]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def replace_directory(target: Path, files: Mapping[str, bytes]) -> None:
+    """Atomically make ``target`` a directory holding exactly ``files``
+    (file name -> bytes). The caller has validated everything and checked
+    that replacing ``target`` is allowed. Raises :class:`OSError` on a disk
+    failure; then ``target`` is unchanged and the temporary is removed."""
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_siblings(target, TMP_INFIX):
+        _remove(stale)
+    tmp = parent / f".{target.name}{TMP_INFIX}{secrets.token_hex(8)}"
+    os.mkdir(tmp)
+    try:
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        _fsync_dir(tmp)
+        _fsync_dir(parent)
+        _install(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+    for old in stale_siblings(target, OLD_INFIX):
+        _remove(old)
+
+
+def _install(tmp: Path, target: Path) -> None:
+    parent = target.parent
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+        _fsync_dir(parent)
+        return
+    swapped = False
+    if exchange_supported():
+        parent_fd = os.open(parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            swapped = _exchange(parent_fd, tmp.name, target.name)
+        finally:
+            os.close(parent_fd)
+    if swapped:
+        _fsync_dir(parent)
+        _remove(tmp)  # now the old checkpoint
+        return
+    aside = parent / f".{target.name}{OLD_INFIX}{secrets.token_hex(8)}"
+    os.rename(target, aside)
+    _fsync_dir(parent)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        os.rename(aside, target)  # put the old one back; the caller removes tmp
+        raise
+    _fsync_dir(parent)
+    _remove(aside)
+
+
+def locate(target: Path) -> list[Path]:
+    """The directories a reader should try for ``target``, best first:
+    ``target`` itself when it exists; otherwise the set-aside ``.old-``
+    siblings, newest first — a writer using the fallback that dies between
+    its two renames leaves the previous complete checkpoint there."""
+    if os.path.lexists(target):
+        return [target]
+    olds = [p for p in stale_siblings(target, OLD_INFIX) if p.is_dir()]
+    olds.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    return olds

@@ -1,0 +1,388 @@
+"""The manifest of a checkpoint: constants, typed records and their validation.
+
+:meth:`Manifest.from_json_dict` is the single gate every manifest passes
+through, on read and (before anything is written) on write: the format
+version (CKPT-3), the JSON Schema (CKPT-2) and the rules the schema cannot
+express (integers written as integers, CKPT-2; file paths, CKPT-4; state
+invariants, CKPT-9).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from gradaccum.checkpoint.schema import json_path, manifest_validator
+from gradaccum.errors import CheckpointCorruptError, CheckpointVersionError, UsageError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "OPTIONAL_STATE_KEYS",
+    "ROLE_PATTERN",
+    "SPEC_VERSION",
+    "STATE_KEYS",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "FileEntry",
+    "Manifest",
+    "Producer",
+    "TensorEntry",
+    "is_role",
+    "parse_manifest_bytes",
+    "to_json_value",
+    "validate_manifest_dict",
+]
+
+#: The format version this release writes.
+FORMAT_VERSION = 1
+#: The version of ``spec/checkpoint-v1.md`` this release implements.
+SPEC_VERSION = "1.0.0"
+#: Every format version this release reads.
+SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1})
+#: The value of the manifest's ``"format"`` key.
+FORMAT_NAME = "gradaccum-checkpoint"
+#: The manifest's file name inside a checkpoint directory.
+MANIFEST_NAME = "manifest.json"
+#: Roles name the tensor files: ``gradients``, ``gradients.rank1``, ``optimizer``, ...
+ROLE_PATTERN = r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*"
+#: The keys of the accumulation state, in the order they are written.
+STATE_KEYS = (
+    "version",
+    "epoch",
+    "position",
+    "window_size",
+    "contributing",
+    "items_in_window",
+    "items_total",
+    "micro_steps",
+    "optimizer_steps",
+    "skipped_steps",
+    "windows",
+    "dropped_microbatches",
+    "dropped_windows",
+    "synced_in_window",
+    "schedule_state",
+)
+#: Keys of the accumulation state that may be absent (then they mean ``false``).
+OPTIONAL_STATE_KEYS = ("device_items",)
+
+_ROLE = re.compile(ROLE_PATTERN)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SEMVER = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
+_FIX = (
+    "the manifest is corrupt or was edited by hand — restore it from a copy "
+    "or take a new checkpoint"
+)
+
+
+def is_role(name: object) -> bool:
+    """True when ``name`` is a valid role (``^[a-z][a-z0-9_]*(\\.[a-z0-9_]+)*$``)."""
+    return isinstance(name, str) and _ROLE.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class Producer:
+    """The software that wrote a checkpoint, e.g. ``Producer("gradaccum-torch", "0.1.0")``."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a file's index: safetensors ``dtype``, ``shape`` and the
+    lowercase hex SHA-256 of its data bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One tensor file: ``path`` (``<role>.safetensors``), ``size`` in bytes,
+    the file's SHA-256 and its tensors by canonical name."""
+
+    path: str
+    size: int
+    sha256: str
+    tensors: Mapping[str, TensorEntry]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated ``manifest.json``.
+
+    ``state``, ``config`` and ``metadata`` are read-only views of plain JSON
+    values (do not mutate nested lists or objects). Build one from parsed JSON
+    with :meth:`from_json_dict`, which validates everything; :meth:`to_json_dict`
+    inverts it exactly.
+    """
+
+    format_version: int
+    spec_version: str
+    producer: Producer
+    created_unix: float
+    world_size: int
+    state: Mapping[str, Any]
+    config: Mapping[str, Any]
+    files: Mapping[str, FileEntry]
+    metadata: Mapping[str, Any]
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles of the tensor files, sorted."""
+        return tuple(sorted(self.files))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The manifest as a fresh JSON-serialisable ``dict`` (keys in spec order)."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "spec_version": self.spec_version,
+            "producer": {"name": self.producer.name, "version": self.producer.version},
+            "created_unix": self.created_unix,
+            "world_size": self.world_size,
+            "state": _copy(self.state),
+            "config": _copy(self.config),
+            "files": {
+                role: {
+                    "path": entry.path,
+                    "size": entry.size,
+                    "sha256": entry.sha256,
+                    "tensors": {
+                        name: {"dtype": t.dtype, "shape": list(t.shape), "sha256": t.sha256}
+                        for name, t in entry.tensors.items()
+                    },
+                }
+                for role, entry in self.files.items()
+            },
+            "metadata": _copy(self.metadata),
+        }
+
+    def to_json_bytes(self) -> bytes:
+        """The exact bytes a writer puts in ``manifest.json`` (UTF-8, indented, final newline)."""
+        text = json.dumps(self.to_json_dict(), indent=2, ensure_ascii=False, allow_nan=False)
+        return (text + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json_dict(cls, data: Any) -> Manifest:
+        """Validate parsed manifest JSON and build a :class:`Manifest`.
+
+        Raises :class:`~gradaccum.errors.CheckpointVersionError` for a format
+        version this release cannot read, and
+        :class:`~gradaccum.errors.CheckpointCorruptError` for anything else
+        (not an object, wrong ``format``, a schema violation — with the JSON
+        path of the value — a non-integral counter, a broken state invariant,
+        a file path that is not ``<role>.safetensors``).
+        """
+        return validate_manifest_dict(data, "manifest")
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _freeze(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(_copy(value))
+
+
+def to_json_value(value: Any, where: str) -> Any:
+    """A deep copy of ``value`` as plain JSON (tuples become lists).
+
+    Raises :class:`~gradaccum.errors.UsageError` naming the location for a
+    key that is not a string, a float that is not finite, or a value of a
+    type JSON cannot hold: those would not survive a round trip unchanged.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UsageError(
+                f"{where} is {value}, which JSON cannot hold; store a finite number or a string"
+            )
+        return float(value)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise UsageError(
+                    f"{where} has the key {key!r} of type {type(key).__name__}; JSON object keys "
+                    f"must be strings — convert it (e.g. str({key!r})) before saving"
+                )
+            out[key] = to_json_value(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise UsageError(
+        f"{where} is a {type(value).__name__} ({value!r:.80}), which JSON cannot hold; "
+        "store None, bool, int, float, str, list, tuple or a str-keyed mapping of these"
+    )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_manifest_bytes(raw: bytes, where: str) -> Manifest:
+    """Decode ``manifest.json`` bytes (strict JSON: UTF-8, no duplicate keys,
+    no ``NaN``) and validate them with :meth:`Manifest.from_json_dict`.
+    ``where`` prefixes error messages."""
+    try:
+        data = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointCorruptError(
+            f"{where}: {MANIFEST_NAME} is not valid JSON ({exc}); {_FIX}"
+        ) from exc
+    return validate_manifest_dict(data, where)
+
+
+def _require_int(value: Any, path: tuple[str | int, ...], where: str, fix: str) -> int:
+    if type(value) is not int:
+        raise CheckpointCorruptError(
+            f"{where}: {json_path(path)} is {value!r}; it must be written as an integer "
+            f"(no fraction or exponent); {fix}"
+        )
+    return value
+
+
+def _check_version(data: dict[str, Any], where: str, fix: str) -> None:
+    if data.get("format") != FORMAT_NAME:
+        raise CheckpointCorruptError(
+            f"{where}: 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}; "
+            "this is not a gradaccum checkpoint manifest"
+        )
+    if "format_version" not in data:
+        raise CheckpointCorruptError(f"{where}: the manifest has no 'format_version'; {fix}")
+    version = data["format_version"]
+    if type(version) is not int:
+        raise CheckpointCorruptError(
+            f"{where}: 'format_version' is {version!r} ({type(version).__name__}), expected an "
+            f"integer such as {FORMAT_VERSION}; {fix}"
+        )
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_FORMAT_VERSIONS))
+        upgrade = (
+            "upgrade gradaccum to a release that reads it"
+            if version > max(SUPPORTED_FORMAT_VERSIONS)
+            else "upgrade gradaccum, or convert the checkpoint with the release that wrote it"
+        )
+        raise CheckpointVersionError(
+            f"{where}: checkpoint format version {version} is not supported; this release "
+            f"reads format version(s) {supported}; {upgrade}"
+        )
+
+
+def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
+    """:meth:`Manifest.from_json_dict` with ``where`` prefixing each error
+    message and ``fix`` ending it."""
+    if not isinstance(data, dict):
+        raise CheckpointCorruptError(
+            f"{where}: the manifest is a JSON {type(data).__name__}, not an object; {fix}"
+        )
+    _check_version(data, where, fix)
+    violations = list(manifest_validator().iter_errors(data))
+    if violations:
+        shown = "; ".join(str(v) for v in violations[:5])
+        more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
+        raise CheckpointCorruptError(
+            f"{where}: the manifest fails the checkpoint-v1 schema: {shown}{more}; {fix}"
+        )
+
+    spec_version = data["spec_version"]
+    if not _SEMVER.fullmatch(spec_version):
+        raise CheckpointCorruptError(
+            f"{where}: spec_version {spec_version!r} is not MAJOR.MINOR.PATCH; {fix}"
+        )
+    world_size = _require_int(data["world_size"], ("world_size",), where, fix)
+    state = data["state"]
+    for key in STATE_KEYS:
+        if key not in ("synced_in_window", "schedule_state"):
+            _require_int(state[key], ("state", key), where, fix)
+    if state["position"] > state["window_size"]:
+        raise CheckpointCorruptError(
+            f"{where}: state.position is {state['position']} but state.window_size is "
+            f"{state['window_size']}; the microbatches completed in the open window cannot "
+            f"exceed its planned size; {fix}"
+        )
+    if state["contributing"] > state["position"]:
+        raise CheckpointCorruptError(
+            f"{where}: state.contributing is {state['contributing']} but state.position is "
+            f"{state['position']}; the contributing microbatches are a subset of those "
+            f"completed; {fix}"
+        )
+
+    files: dict[str, FileEntry] = {}
+    for role in sorted(data["files"]):
+        entry = data["files"][role]
+        if not is_role(role):
+            raise CheckpointCorruptError(
+                f"{where}: role {role!r} does not match {ROLE_PATTERN}; {fix}"
+            )
+        if entry["path"] != f"{role}.safetensors":
+            raise CheckpointCorruptError(
+                f"{where}: files[{role!r}].path is {entry['path']!r}, expected "
+                f"{role + '.safetensors'!r}; {fix}"
+            )
+        size = _require_int(entry["size"], ("files", role, "size"), where, fix)
+        tensors: dict[str, TensorEntry] = {}
+        for name in sorted(entry["tensors"]):
+            t = entry["tensors"][name]
+            shape = tuple(
+                _require_int(d, ("files", role, "tensors", name, "shape", i), where, fix)
+                for i, d in enumerate(t["shape"])
+            )
+            sha = _check_sha(t["sha256"], ("files", role, "tensors", name, "sha256"), where, fix)
+            tensors[name] = TensorEntry(t["dtype"], shape, sha)
+        sha = _check_sha(entry["sha256"], ("files", role, "sha256"), where, fix)
+        files[role] = FileEntry(entry["path"], size, sha, MappingProxyType(tensors))
+    for role in data["metadata"]:
+        if not is_role(role):
+            raise CheckpointCorruptError(
+                f"{where}: metadata role {role!r} does not match {ROLE_PATTERN}; {fix}"
+            )
+
+    return Manifest(
+        format_version=data["format_version"],
+        spec_version=spec_version,
+        producer=Producer(data["producer"]["name"], data["producer"]["version"]),
+        created_unix=float(data["created_unix"]),
+        world_size=world_size,
+        state=_freeze(
+            {key: state[key] for key in (*STATE_KEYS, *OPTIONAL_STATE_KEYS) if key in state}
+        ),
+        config=_freeze(data["config"]),
+        files=MappingProxyType(files),
+        metadata=_freeze(data["metadata"]),
+    )
+
+
+def _check_sha(value: str, path: tuple[str | int, ...], where: str, fix: str) -> str:
+    if not _SHA256.fullmatch(value):
+        raise CheckpointCorruptError(
+            f"{where}: {json_path(path)} is {value!r}, not 64 lowercase hex digits; {fix}"
+        )
+    return value
