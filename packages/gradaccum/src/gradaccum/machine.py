@@ -20,7 +20,7 @@ from typing import Any, SupportsFloat
 
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import ConfigError
-from gradaccum.schedules import AdaptiveMicrobatch
+from gradaccum.schedules import AdaptiveMicrobatch, TargetBatch
 from gradaccum.state import (
     SINGLE_PROCESS,
     AccumulationState,
@@ -29,6 +29,7 @@ from gradaccum.state import (
     PassDecision,
     Topology,
     WindowDecision,
+    abandon_window,
     begin_microbatch,
     cancel_microbatch,
     commit,
@@ -60,6 +61,19 @@ class AccumulationMachine:
     ) -> None:
         if not isinstance(config, AccumulationConfig):
             raise ConfigError(f"config={config!r} must be an AccumulationConfig")
+        world = topology.world_size
+        if world > 1 and config.non_finite == "drop_microbatch":
+            raise ConfigError(
+                f"non_finite='drop_microbatch' is not supported on {world} ranks: ranks that drop "
+                f"different microbatches would weight the shared reduced gradient differently; "
+                f"use non_finite='skip' (a non-finite gradient on any rank skips on all)"
+            )
+        schedule = config.schedule
+        if isinstance(schedule, TargetBatch) and schedule.world_size != world:
+            raise ConfigError(
+                f"TargetBatch(world_size={schedule.world_size}) but the run has {world} ranks; "
+                f"build it with world_size={world} so the effective batch stays {schedule.target}"
+            )
         self._config = config
         self._topology = topology
         self._state = AccumulationState.initial(config)
@@ -193,8 +207,13 @@ class AccumulationMachine:
 
     def report_oom(self) -> int:
         """Record an out-of-memory error under :class:`AdaptiveMicrobatch`
-        and return the new (halved) microbatch size. Call between microbatches
-        after discarding the failed microbatch's gradient contribution."""
+        and return the new (halved) microbatch size.
+
+        Call it between microbatches (cancel the failed one first). A window
+        in progress is abandoned (counted in ``dropped_windows``): the adapter
+        zeroes its gradient and replays the window's data in microbatches of
+        the new size, so every window still holds ``target`` items.
+        """
         schedule = self._config.schedule
         if not isinstance(schedule, AdaptiveMicrobatch):
             raise ConfigError(
@@ -202,7 +221,7 @@ class AccumulationMachine:
                 f"{schedule.kind!r}"
             )
         new_schedule_state = schedule.after_oom(self._state.schedule_state)
-        self._state = replace(self._state, schedule_state=new_schedule_state)
+        self._state = replace(abandon_window(self._state), schedule_state=new_schedule_state)
         return schedule.current(new_schedule_state)
 
     def state_dict(self) -> dict[str, Any]:
@@ -211,4 +230,6 @@ class AccumulationMachine:
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; validated before anything changes."""
-        self._state = AccumulationState.from_state_dict(data)
+        state = AccumulationState.from_state_dict(data)
+        self._config.schedule.check_state(state.schedule_state)
+        self._state = state

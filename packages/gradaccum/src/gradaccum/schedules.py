@@ -48,6 +48,15 @@ class Schedule(ABC):
         """The schedule's JSON state before any window (empty for stateless schedules)."""
         return {}
 
+    def check_state(self, schedule_state: Mapping[str, Any]) -> None:
+        """Raise :class:`ConfigError` unless ``schedule_state`` is one this
+        schedule can be in (stateless schedules accept only ``{}``)."""
+        if schedule_state:
+            raise ConfigError(
+                f"the {self.kind!r} schedule keeps no state, but the saved state holds "
+                f"{dict(schedule_state)!r}; it was saved under another schedule"
+            )
+
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:
         """JSON form, with a ``"kind"`` key that :func:`schedule_from_dict` reads."""
@@ -248,6 +257,28 @@ class AdaptiveMicrobatch(Schedule):
     def initial_state(self) -> dict[str, Any]:
         return {"micro_batch": self.micro_batch, "clean_windows": 0, "ooms": 0}
 
+    def check_state(self, schedule_state: Mapping[str, Any]) -> None:
+        expected = {"micro_batch", "clean_windows", "ooms"}
+        if set(schedule_state) != expected:
+            raise ConfigError(
+                f"adaptive schedule state {dict(schedule_state)!r} must have exactly the keys "
+                f"{sorted(expected)}"
+            )
+        micro = schedule_state["micro_batch"]
+        if (
+            isinstance(micro, bool)
+            or not isinstance(micro, int)
+            or not self.min_micro_batch <= micro <= self.ceiling
+        ):
+            raise ConfigError(
+                f"adaptive schedule state micro_batch={micro!r} must be an integer in "
+                f"[{self.min_micro_batch}, {self.ceiling}]"
+            )
+        for key in ("clean_windows", "ooms"):
+            value = schedule_state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"adaptive schedule state {key}={value!r} must be an int >= 0")
+
     def current(self, schedule_state: Mapping[str, Any]) -> int:
         """The microbatch size in force."""
         return int(schedule_state.get("micro_batch", self.micro_batch))
@@ -304,6 +335,7 @@ _KINDS: dict[str, type[Schedule]] = {
 
 
 def _int_keys(name: str, table: Any) -> dict[int, int]:
+    """JSON object keys are strings in no meaningful order: parse and sort them."""
     if not isinstance(table, Mapping):
         raise ConfigError(f"{name} schedule 'steps' must be a mapping, got {table!r}")
     out: dict[int, int] = {}
@@ -312,7 +344,16 @@ def _int_keys(name: str, table: Any) -> dict[int, int]:
             out[int(key)] = value
         except (TypeError, ValueError):
             raise ConfigError(f"{name} schedule key {key!r} is not an integer") from None
-    return out
+    return dict(sorted(out.items()))
+
+
+_SCHEDULE_KEYS = {
+    "fixed": ("steps",),
+    "by_epoch": ("steps",),
+    "by_step": ("steps",),
+    "target_batch": ("target", "micro_batch", "world_size"),
+    "adaptive": AdaptiveMicrobatch._fields,
+}
 
 
 def schedule_from_dict(data: Mapping[str, Any]) -> Schedule:
@@ -321,6 +362,13 @@ def schedule_from_dict(data: Mapping[str, Any]) -> Schedule:
         raise ConfigError(f"schedule {data!r} needs a 'kind' key; one of {sorted(_KINDS)}")
     kind = data["kind"]
     rest = {k: v for k, v in data.items() if k != "kind"}
+    if kind in _SCHEDULE_KEYS:
+        unknown = sorted(set(rest) - set(_SCHEDULE_KEYS[kind]))
+        if unknown:
+            raise ConfigError(
+                f"{kind} schedule has unknown keys {unknown}; its keys are "
+                f"{list(_SCHEDULE_KEYS[kind])}"
+            )
     if kind == "fixed":
         return Fixed(rest.get("steps"))  # type: ignore[arg-type]
     if kind == "by_epoch":

@@ -36,6 +36,7 @@ __all__ = [
     "Phase",
     "Topology",
     "WindowDecision",
+    "abandon_window",
     "begin_microbatch",
     "cancel_microbatch",
     "commit",
@@ -259,7 +260,7 @@ class AccumulationState:
         # ``device_items`` is optional in the v1 format: absent means False.
         data = {"device_items": False, **data}
         version = data.get("version")
-        if version != STATE_VERSION:
+        if isinstance(version, bool) or version != STATE_VERSION:
             raise ConfigError(
                 f"accumulation state version {version!r} is not supported; "
                 f"this release reads version {STATE_VERSION}"
@@ -288,10 +289,23 @@ class AccumulationState:
             values[name] = data[name]
         if not isinstance(data["schedule_state"], Mapping):
             raise ConfigError("accumulation state schedule_state must be a mapping")
-        if values["position"] > values["window_size"]:
+        position, window_size = values["position"], values["window_size"]
+        # Between microbatches an open window is never complete (its last
+        # microbatch closes it), and no window means position 0.
+        if not (position < window_size or position == window_size == 0):
             raise ConfigError(
-                f"accumulation state position={values['position']} exceeds "
-                f"window_size={values['window_size']}"
+                f"accumulation state position={position} with window_size={window_size} is "
+                f"impossible between microbatches (need position < window_size, or both 0)"
+            )
+        if values["optimizer_steps"] + values["skipped_steps"] != values["windows"]:
+            raise ConfigError(
+                f"accumulation state optimizer_steps={values['optimizer_steps']} + "
+                f"skipped_steps={values['skipped_steps']} must equal windows={values['windows']}"
+            )
+        if values["synced_in_window"]:
+            raise ConfigError(
+                "accumulation state synced_in_window=True is impossible between microbatches: "
+                "only a window's closing microbatch synchronises"
             )
         if values["contributing"] > values["position"]:
             raise ConfigError(
@@ -427,6 +441,8 @@ def _window_decision(
         # Loss multipliers were 1/window_size; a window that ran fewer
         # contributing microbatches is rescaled so the weights sum to one.
         grad_multiplier = state.window_size / contributing
+        if world > 1 and not topology.averages:
+            grad_multiplier /= world
     elif config.normalization == "items" and not empty:
         if state.device_items or world > 1:
             divide_by_world_items = True
@@ -515,9 +531,16 @@ def commit(
     """
     if state.phase is not Phase.BOUNDARY or state.pending is None:
         raise UsageError("commit() needs a closed window; no window is waiting for its step")
+    if world_items is not None and (
+        isinstance(world_items, bool) or not isinstance(world_items, int) or world_items < 0
+    ):
+        raise ItemCountError(
+            f"world_items={world_items!r} must be the window's item count over all ranks, "
+            f"an integer >= 0"
+        )
     pending = state.pending
     outcome: Outcome
-    if pending.empty:
+    if pending.empty or (config.normalization == "items" and world_items == 0):
         outcome = "empty"
     elif amp_overflow:
         outcome = "amp_overflow"
@@ -610,4 +633,27 @@ def cancel_microbatch(state: AccumulationState) -> AccumulationState:
         current=None,
         current_items=0,
         current_device_items=False,
+    )
+
+
+def abandon_window(state: AccumulationState) -> AccumulationState:
+    """Give up the open window (its gradient is discarded by the adapter) and
+    count it in ``dropped_windows``; used when a microbatch of it ran out of
+    memory and the window is replayed with smaller microbatches."""
+    if state.phase is not Phase.IDLE:
+        raise UsageError(
+            f"a window can be abandoned only between microbatches, not during phase "
+            f"{state.phase.value!r}"
+        )
+    if state.position == 0:
+        return state
+    return replace(
+        state,
+        position=0,
+        window_size=0,
+        contributing=0,
+        items_in_window=0,
+        synced_in_window=False,
+        device_items=False,
+        dropped_windows=state.dropped_windows + 1,
     )
