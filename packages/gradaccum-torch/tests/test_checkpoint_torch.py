@@ -1,6 +1,6 @@
 """Checkpoints of the torch adapter: a mid-window save resumes on the same
 trajectory, bitwise, in every normalization mode; names are wrapper-free
-(spec ACC-R1..R4, checkpoint-v1)."""
+(spec ACC-R1..ACC-R5, checkpoint-v1)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _run(
 def test_mid_window_resume_is_bitwise_identical(
     tmp_path: Path, normalization: str, cut: int
 ) -> None:
-    """ACC-R1: save after `cut` microbatches, resume in fresh objects: same parameters, bitwise."""
+    """ACC-R3: save after `cut` microbatches, resume in fresh objects: same parameters, bitwise."""
     batches = make_batches(SIZES)
     model, acc = _build(normalization)
     _run(acc, model, batches, normalization)
@@ -76,7 +76,7 @@ def test_mid_window_resume_is_bitwise_identical(
 
 
 def test_tensor_item_counts_survive_a_checkpoint(tmp_path: Path) -> None:
-    """ACC-R1: device item counters of the open window are saved and restored."""
+    """ACC-R2: device item counters of the open window are saved and restored."""
     batches = make_batches(SIZES)
     model, acc = _build("items")
     for i, batch in enumerate(batches):
@@ -99,7 +99,7 @@ def test_tensor_item_counts_survive_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_state_dict_round_trip_mid_window() -> None:
-    """ACC-R1: state_dict()/load_state_dict() carry the in-flight gradients too."""
+    """ACC-R3: state_dict()/load_state_dict() carry the in-flight gradients too."""
     batches = make_batches(SIZES)
     model, acc = _build("items")
     _run(acc, model, batches, "items")
@@ -147,7 +147,7 @@ def test_names_are_wrapper_free(tmp_path: Path) -> None:
 
 
 def test_boundary_checkpoint_loads_under_another_schedule(tmp_path: Path) -> None:
-    """ACC-R3: at a boundary no gradient is in flight, so the schedule may change on resume."""
+    """ACC-R5: at a boundary no gradient is in flight, so the schedule may change on resume."""
     batches = make_batches(SIZES[:8])
     model, acc = _build("items")
     _run(acc, model, batches, "items")

@@ -1,6 +1,6 @@
 """Adapter-level exactness beyond the conformance suite: the idioms (tensor
 item counts, unknown pass length, offload, fp32 accumulation) compute the
-same window gradient (spec ACC-N2, ACC-W2, ACC-P1, ACC-P2)."""
+same window gradient (spec ACC-N3, ACC-W4, ACC-P1, ACC-P2)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_steps_one_is_bitwise_a_plain_loop() -> None:
 
 
 def test_tensor_and_int_item_counts_agree() -> None:
-    """ACC-N2: a device tensor count gives the int count's result to 1e-15."""
+    """ACC-N3: a device tensor count gives the int count's result to 1e-15."""
     batches = make_batches(SIZES)
     a = params_of(_train(batches, steps=4, normalization="items"))
     b = params_of(_train(batches, steps=4, normalization="items", tensor_items=True))
@@ -58,7 +58,7 @@ def test_tensor_and_int_item_counts_agree() -> None:
 
 
 def test_unknown_pass_length_matches_known_length() -> None:
-    """ACC-W2: a generator (no len) gets the short last window right via the boundary correction."""
+    """ACC-W4: a generator (no len) gets the short last window right via the boundary correction."""
     batches = make_batches(SIZES)
     for normalization in ("mean", "items"):
         known = params_of(_train(batches, steps=4, normalization=normalization))
@@ -143,7 +143,7 @@ class Recorder(AccumulationCallback):
 
 
 def test_events_arrive_in_order_with_counters() -> None:
-    """ACC-C2: one on_microbatch per microbatch, one on_step per step (effective_step
+    """ACC-C2, ACC-C3: one on_microbatch per microbatch, one on_step per step (effective_step
     counts them), one on_skip per skipped window, one on_epoch_end per pass."""
     recorder = Recorder()
     model = make_model()

@@ -1,5 +1,5 @@
 """No host-device synchronisation on microbatches that are not the last of
-their window (spec ACC-P4, ACC-L3).
+their window (spec ACC-B3, ACC-N3, ACC-L3).
 
 On a CPU there is no device to wait for, so the test counts every call that
 would force a CUDA host sync — ``Tensor.item``, ``__bool__``, ``__float__``,
@@ -64,7 +64,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_no_host_reads_off_the_boundary(name: str) -> None:
-    """ACC-P4: zero host reads on the k-1 microbatches before each boundary."""
+    """ACC-B3, ACC-N3: zero host reads on the k-1 microbatches before each boundary."""
     model = make_model(torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu") if name == "amp-fp16" else None

@@ -1,5 +1,5 @@
 """Bad input gets a clear GradAccumError naming the value and the fix, raised
-before any state changes (spec ACC-E1, ACC-E2)."""
+before any state changes (spec ACC-E1..ACC-E4)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _same(
 
 
 def test_non_scalar_loss_is_refused_and_nothing_changes() -> None:
-    """ACC-E1: a loss that is not a scalar names its shape; the window is untouched."""
+    """ACC-E2, ACC-E3: a loss that is not a scalar names its shape; the window is untouched."""
     model, acc = _acc(steps=2)
     (batch,) = make_batches([3])
     with acc.microbatch():
@@ -57,7 +57,7 @@ def test_non_scalar_loss_is_refused_and_nothing_changes() -> None:
 
 
 def test_loss_without_grad_is_refused() -> None:
-    """ACC-E1: a detached loss is refused before backward."""
+    """ACC-E2, ACC-E3: a detached loss is refused before backward."""
     model, acc = _acc(steps=2)
     (batch,) = make_batches([3])
     before = _snapshot(model, acc)
@@ -69,7 +69,7 @@ def test_loss_without_grad_is_refused() -> None:
 
 
 def test_backward_twice_in_one_microbatch() -> None:
-    """ACC-E1: the second backward is refused; the first one's gradient stays."""
+    """ACC-E2, ACC-E3: the second backward is refused; the first one's gradient stays."""
     model, acc = _acc(steps=2)
     (batch,) = make_batches([3])
     with pytest.raises(UsageError, match="twice"), acc.microbatch():
@@ -81,7 +81,7 @@ def test_backward_twice_in_one_microbatch() -> None:
 
 
 def test_backward_outside_the_context() -> None:
-    """ACC-E1: backward needs an open microbatch."""
+    """ACC-E2, ACC-E3: backward needs an open microbatch."""
     model, acc = _acc(steps=2)
     (batch,) = make_batches([3])
     before = _snapshot(model, acc)
@@ -91,7 +91,7 @@ def test_backward_outside_the_context() -> None:
 
 
 def test_microbatch_without_backward() -> None:
-    """ACC-E1: a microbatch context that never calls backward is an error and is not counted."""
+    """ACC-E2, ACC-E3: a microbatch context that never calls backward is an error and is not counted."""
     model, acc = _acc(steps=2)
     before = _snapshot(model, acc)
     with pytest.raises(UsageError, match=r"without acc\.backward"), acc.microbatch():
@@ -100,7 +100,7 @@ def test_microbatch_without_backward() -> None:
 
 
 def test_exception_in_forward_cancels_the_microbatch() -> None:
-    """ACC-E1: an exception inside the context leaves the counters as they were."""
+    """ACC-E2, ACC-E3: an exception inside the context leaves the counters as they were."""
     model, acc = _acc(steps=2)
     before = _snapshot(model, acc)
     with pytest.raises(RuntimeError, match="boom"), acc.microbatch():
@@ -113,7 +113,7 @@ def test_exception_in_forward_cancels_the_microbatch() -> None:
 
 
 def test_optimizer_with_foreign_parameters() -> None:
-    """ACC-E2: every optimizer parameter must belong to the model."""
+    """ACC-E4: every optimizer parameter must belong to the model."""
     model = make_model()
     other = torch.nn.Linear(3, 5)
     opt = torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1)
@@ -126,7 +126,7 @@ def test_optimizer_with_foreign_parameters() -> None:
     [(None, "needs the microbatch's item count"), (-3, "negative"), (2.5, "2.5")],
 )
 def test_bad_item_counts(items: object, pattern: str) -> None:
-    """ACC-E2: items mode needs a non-negative integer count per microbatch."""
+    """ACC-E4: items mode needs a non-negative integer count per microbatch."""
     model, acc = _acc(steps=2, normalization="items")
     before = _snapshot(model, acc)
     with pytest.raises(ItemCountError, match=pattern), acc.microbatch(items=items):  # type: ignore[arg-type]
@@ -144,7 +144,7 @@ def test_bad_item_counts(items: object, pattern: str) -> None:
     ],
 )
 def test_bad_config(options: dict[str, object], pattern: str) -> None:
-    """ACC-E2: configuration errors name the value."""
+    """ACC-E4: configuration errors name the value."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match=pattern):
@@ -152,7 +152,7 @@ def test_bad_config(options: dict[str, object], pattern: str) -> None:
 
 
 def test_weight_pattern_that_matches_nothing() -> None:
-    """ACC-G2: a weight pattern that matches no parameter is a typo, not a no-op."""
+    """ACC-G3: a weight pattern that matches no parameter is a typo, not a no-op."""
     from gradaccum import GradientWeights
 
     model = make_model()
@@ -181,7 +181,7 @@ def _mid_window(tmp_path: Path) -> Path:
 
 
 def test_checkpoint_from_a_different_model(tmp_path: Path) -> None:
-    """ACC-R4: names or shapes that differ are refused; model, optimizer and grads unchanged."""
+    """ACC-E2, ACC-R5: names or shapes that differ are refused; model, optimizer and grads unchanged."""
     path = _mid_window(tmp_path)
     torch.manual_seed(5)
     other = torch.nn.Sequential(
@@ -216,7 +216,7 @@ def test_checkpoint_with_a_corrupt_file_changes_nothing(tmp_path: Path) -> None:
 
 
 def test_mid_window_checkpoint_refuses_a_different_normalization(tmp_path: Path) -> None:
-    """ACC-R3: in-flight gradients carry their normalization; resuming under another is refused."""
+    """ACC-R5: in-flight gradients carry their normalization; resuming under another is refused."""
     path = _mid_window(tmp_path)
     _, acc = _acc(steps=4, normalization="mean")
     with pytest.raises(CheckpointMismatchError, match="normalization='items'"):
@@ -225,7 +225,7 @@ def test_mid_window_checkpoint_refuses_a_different_normalization(tmp_path: Path)
 
 
 def test_save_inside_a_microbatch_is_refused(tmp_path: Path) -> None:
-    """ACC-R2: checkpoints are taken between microbatches only."""
+    """ACC-R1: checkpoints are taken between microbatches only."""
     _, acc = _acc(steps=2)
     with pytest.raises(UsageError, match="inside a microbatch"), acc.microbatch():
         acc.save(tmp_path / "c")
