@@ -150,7 +150,9 @@ def conformance(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """mkdocs build --strict: any warning (a broken link, a missing spec snippet) is an error."""
-    session.install("mkdocs-material>=9.5,<10", "pymdown-extensions>=10")
+    session.install(
+        "mkdocs-material>=9.5,<10", "pymdown-extensions>=10", "mkdocstrings[python]>=0.25"
+    )
     session.env["NO_MKDOCS_2_WARNING"] = "1"  # a vendor notice, not a build warning
     session.run("mkdocs", "build", "--strict", *session.posargs)
 
@@ -165,6 +167,9 @@ def demo(session: nox.Session) -> None:
         session.skip("gradaccum_torch.demo does not exist yet")
     _install_torch(session)
     _install_local(session, "gradaccum-torch")
+    # its [demo] extra (matplotlib, tqdm), as declared in the package's pyproject.toml
+    project = nox.project.load_toml(ROOT / LOCAL["gradaccum-torch"] / "pyproject.toml")
+    session.install(*project["project"]["optional-dependencies"]["demo"])
     session.run("python", "-m", "gradaccum_torch.demo", *session.posargs)
 
 
