@@ -61,3 +61,11 @@ def max_rel_dev(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def model_factory() -> Callable[..., torch.nn.Module]:
     """The model builder, as a fixture."""
     return make_model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """gradaccum-torch promises every precision: unless ``--gradaccum-dtype`` is
+    given, its conformance run covers float64, float32, bf16 and fp16."""
+    given = any(str(a).startswith("--gradaccum-dtype") for a in config.invocation_params.args)
+    if not given:
+        config.option.gradaccum_dtype = "float64,float32,bf16,fp16"

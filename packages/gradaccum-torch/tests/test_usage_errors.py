@@ -91,7 +91,7 @@ def test_backward_outside_the_context() -> None:
 
 
 def test_microbatch_without_backward() -> None:
-    """ACC-E2, ACC-E3: a microbatch context that never calls backward is an error and is not counted."""
+    """ACC-E2, ACC-E3: a microbatch that never calls backward is an error and is not counted."""
     model, acc = _acc(steps=2)
     before = _snapshot(model, acc)
     with pytest.raises(UsageError, match=r"without acc\.backward"), acc.microbatch():
@@ -181,7 +181,7 @@ def _mid_window(tmp_path: Path) -> Path:
 
 
 def test_checkpoint_from_a_different_model(tmp_path: Path) -> None:
-    """ACC-E2, ACC-R5: names or shapes that differ are refused; model, optimizer and grads unchanged."""
+    """ACC-E2, ACC-R5: other names or shapes are refused; model, optimizer, grads unchanged."""
     path = _mid_window(tmp_path)
     torch.manual_seed(5)
     other = torch.nn.Sequential(

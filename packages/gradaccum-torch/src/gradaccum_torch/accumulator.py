@@ -218,7 +218,11 @@ class Accumulator:
 
     @contextlib.contextmanager
     def microbatch(
-        self, items: int | torch.Tensor | None = None, *, last: bool | None = None
+        self,
+        items: int | torch.Tensor | None = None,
+        *,
+        last: bool | None = None,
+        remaining: int | None = None,
     ) -> Iterator[Accumulator]:
         """Run one microbatch's forward and backward inside this context.
 
@@ -228,6 +232,9 @@ class Accumulator:
                 device (no host sync).
             last: this is the last microbatch of the pass; :meth:`iterate`
                 sets it for you.
+            remaining: microbatches left in the pass, this one included, when
+                you drive the loop yourself and know the pass length: a short
+                last window is then planned exactly from its start.
 
         Exactly one :meth:`backward` must run inside. Gradient communication
         is suppressed unless this microbatch closes its window.
@@ -240,7 +247,9 @@ class Accumulator:
             items=None if on_device else items,  # type: ignore[arg-type]
             items_on_device=on_device,
             last_in_pass=self._next_last if last is None else last,
-            remaining_in_pass=self._next_remaining if last is None else None,
+            remaining_in_pass=(
+                remaining if remaining is not None or last is not None else self._next_remaining
+            ),
         )
         self._next_last = False
         self._next_remaining = None
@@ -343,8 +352,7 @@ class Accumulator:
         if self.config.non_finite == "drop_microbatch":
             dropped = bool(G.has_nonfinite(fresh).item())
         if not dropped and decision.clip is not None:
-            scale = self.scaler._scale if self.scaler is not None else None
-            G.clip_(fresh, decision.clip, scale=scale)
+            G.clip_(fresh, decision.clip, scale=self._microbatch_scale(decision))
         for param, old in zip(self._params, stash, strict=True):
             new = param.grad
             if dropped or new is None:
@@ -352,6 +360,25 @@ class Accumulator:
             elif old is not None:
                 param.grad = old.add_(new)
         return dropped
+
+    def _microbatch_scale(self, decision: MicrobatchDecision) -> torch.Tensor:
+        """What backward multiplied the microbatch's mean-loss gradient by: the
+        loss multiplier, the item count under ``items`` (the loss is a sum),
+        and the GradScaler's scale. Per-microbatch clipping divides it out
+        (spec ACC-L2), on the device."""
+        factor = decision.loss_multiplier
+        per_item: torch.Tensor | None = None
+        if self.config.normalization == "items":
+            if self._pending_items is not None:
+                per_item = self._pending_items.detach()
+            else:
+                factor *= self._machine.state.current_items
+        scale = torch.tensor(factor, dtype=torch.float32, device=self._device())
+        if per_item is not None:
+            scale = scale * per_item.to(scale.device, torch.float32)
+        if self.scaler is not None and self.scaler._scale is not None:
+            scale = scale * self.scaler._scale.to(scale.device)
+        return scale
 
     def _fold_into_buffers(self) -> None:
         device = torch.device("cpu") if self.config.offload else None

@@ -1,0 +1,226 @@
+"""The harness protocol: what an adapter provides to be tested.
+
+A harness runs a whole :class:`~gradaccum_conformance.scenario.Scenario`
+through an adapter's real public API and returns a :class:`Trajectory`.
+Because it receives the whole scenario (not per-step callbacks), frameworks
+that own the training loop (``Trainer.fit``, ``accelerator.prepare``) can
+implement it as easily as a plain loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+from gradaccum import AccumulationStats
+from gradaccum_conformance.promises import CAPABILITIES
+from gradaccum_conformance.scenario import Scenario
+
+__all__ = [
+    "Harness",
+    "Outcome",
+    "Trajectory",
+    "TrajectoryRecorder",
+    "load_harness",
+    "snapshot_params",
+]
+
+Outcome: TypeAlias = Literal["stepped", "skipped"]
+"""What a closed window did: the optimizer stepped, or the step was skipped
+(AMP overflow, non-finite gradient, empty window)."""
+
+
+def snapshot_params(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """``{name: parameter}`` cloned to CPU float64, names relative to ``prefix``.
+
+    A harness whose framework wraps the scenario's model (``self.model`` in
+    a LightningModule, say) passes that wrapper's prefix (``"model."``) so the
+    names are the scenario model's own: ``0.weight``, ``0.bias``, ...
+    """
+    out: dict[str, Tensor] = {}
+    for name, param in model.named_parameters():
+        if prefix and not name.startswith(prefix):
+            continue
+        out[name[len(prefix) :]] = param.detach().to(device="cpu", dtype=torch.float64).clone()
+    return out
+
+
+@dataclass
+class Trajectory:
+    """What a run did, window by window.
+
+    Attributes:
+        initial_params: parameters before the first microbatch.
+        params: parameters after every closed window (every optimizer step
+            *attempt*, stepped or skipped), in order. Partial windows
+            discarded by ``partial_window='drop'`` are not closed windows.
+        lrs: the learning rate of every optimizer parameter group after each
+            closed window (after the scheduler stepped, if it did).
+        outcomes: ``"stepped"`` or ``"skipped"`` for each closed window.
+        micro_steps / optimizer_steps / skipped_steps: final counters.
+        stats: the adapter's final ``AccumulationStats.as_dict()``.
+        scheduler_steps: ``scheduler.last_epoch`` at the end (``None``
+            without a scheduler).
+        reductions_per_window: gradient communications in each closed window
+            (distributed harnesses; ``None`` if not counted).
+    """
+
+    initial_params: dict[str, Tensor]
+    params: list[dict[str, Tensor]] = field(default_factory=list)
+    lrs: list[tuple[float, ...]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    micro_steps: int = 0
+    optimizer_steps: int = 0
+    skipped_steps: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    scheduler_steps: int | None = None
+    reductions_per_window: list[int] | None = None
+
+
+class TrajectoryRecorder:
+    """Builds a :class:`Trajectory` while a harness runs.
+
+    Create it with the freshly built model, call :meth:`window` after every
+    closed window (after the optimizer and the scheduler stepped or were
+    skipped), and :meth:`finish` at the end. One recorder spans a checkpoint
+    and resume: pass the *new* model and optimizer after resuming.
+    """
+
+    def __init__(self, model: nn.Module, *, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.trajectory = Trajectory(initial_params=snapshot_params(model, prefix))
+
+    def window(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        stepped: bool,
+        reductions: int | None = None,
+    ) -> None:
+        """Record one closed window."""
+        t = self.trajectory
+        t.params.append(snapshot_params(model, self.prefix))
+        t.lrs.append(tuple(float(g["lr"]) for g in optimizer.param_groups))
+        t.outcomes.append("stepped" if stepped else "skipped")
+        if reductions is not None:
+            if t.reductions_per_window is None:
+                t.reductions_per_window = []
+            t.reductions_per_window.append(reductions)
+
+    def finish(
+        self,
+        stats: AccumulationStats | Mapping[str, Any],
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> Trajectory:
+        """Fill in the counters and stats (from ``stats``) and the scheduler
+        step count (``scheduler.last_epoch``); return the trajectory."""
+        data = stats.as_dict() if isinstance(stats, AccumulationStats) else dict(stats)
+        t = self.trajectory
+        t.stats = data
+        t.micro_steps = int(data["micro_steps"])
+        t.optimizer_steps = int(data["optimizer_steps"])
+        t.skipped_steps = int(data["skipped_steps"])
+        t.scheduler_steps = None if scheduler is None else int(scheduler.last_epoch)
+        return t
+
+
+class Harness(abc.ABC):
+    """An adapter under test. Subclass it, set the three attributes and
+    implement :meth:`run`.
+
+    Attributes:
+        name: the adapter's name, shown in the report header, messages and
+            the JSON report (e.g. ``"gradaccum-torch"``).
+        capabilities: optional features the adapter supports, from
+            :data:`~gradaccum_conformance.promises.CAPABILITIES`. A test
+            that needs one not declared is *skipped*, with the reason
+            ``harness X does not declare capability Y``.
+        expected_failures: ``{test name: reason}`` — tests known to fail for
+            this adapter. They are marked ``xfail(strict=True)``: an
+            unexpected pass fails, so the list cannot go stale. A key is a
+            test function name (``"test_partial_carry"``) or a full
+            parametrized name (``"test_partial_carry[float32]"``).
+    """
+
+    name: str = "unnamed-harness"
+    capabilities: frozenset[str] = frozenset()
+    expected_failures: Mapping[str, str] = MappingProxyType({})
+
+    @abc.abstractmethod
+    def run(self, scenario: Scenario, workdir: Path) -> Trajectory:
+        """Run ``scenario`` through the adapter's public API; return the trajectory.
+
+        The contract:
+
+        * Build fresh objects from the scenario: ``model =
+          scenario.make_model().to(scenario.device)``, ``optimizer =
+          scenario.make_optimizer(model)``, ``scheduler =
+          scenario.make_scheduler(optimizer)`` (may be ``None``),
+          ``scaler = scenario.make_scaler()`` (``None`` unless fp16). Give
+          the adapter ``scenario.config``.
+        * For each view in ``scenario.iter_microbatches(rank)``: run the
+          forward under ``scenario.autocast()``, compute
+          ``scenario.loss(model(view.x), view.y)`` and let the adapter
+          backward it, telling it ``view.items``. Tell it where passes end:
+          the pass length (``view.remaining_in_pass``) when
+          ``scenario.pass_length == "known"``, otherwise only
+          ``view.is_last_in_pass``. End each pass as the adapter's API says.
+        * The adapter decides everything else (scaling, syncing, clipping,
+          weights, stepping the optimizer, the scheduler and the scaler).
+        * Record every closed window with :meth:`TrajectoryRecorder.window`
+          after its step or skip; finish with :meth:`TrajectoryRecorder.finish`
+          and the adapter's stats.
+        * ``non_finite="raise"``: let ``NonFiniteGradientError`` propagate.
+        * ``scenario.checkpoint_after = i``: after the backward of global
+          microbatch ``i`` (and after ending its pass, if ``i`` is the last
+          microbatch of a pass), save a checkpoint under ``workdir`` through the
+          adapter's API, drop every object (model, optimizer, scheduler,
+          scaler, adapter), build fresh ones from the scenario, load the
+          checkpoint and continue with microbatch ``i + 1``, recording into
+          the same recorder. The trajectory covers the whole run.
+        * ``scenario.world_size > 1``: run one process (or replica) per rank,
+          rank ``r`` feeding ``iter_microbatches(rank=r)``; return rank 0's
+          trajectory with ``reductions_per_window`` counted.
+        * Never modify the scenario's tensors.
+        """
+
+
+def load_harness(spec: str) -> Harness:
+    """Load ``"package.module:Name"``: a :class:`Harness` subclass (built
+    with no arguments), a callable returning a harness, or an instance."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"--gradaccum-harness={spec!r} must look like 'package.module:HarnessClass'"
+        )
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    harness = obj if isinstance(obj, Harness) else obj()
+    if not isinstance(harness, Harness):
+        raise TypeError(
+            f"--gradaccum-harness={spec!r} gave {harness!r}, which is not a "
+            f"gradaccum_conformance.Harness"
+        )
+    return harness
+
+
+def check_harness(harness: Harness) -> None:
+    """Raise ``TypeError`` naming the problem if ``harness`` declares an
+    unknown capability (a typo would silently skip tests)."""
+    unknown = sorted(set(harness.capabilities) - set(CAPABILITIES))
+    if unknown:
+        raise TypeError(
+            f"harness {harness.name!r} declares unknown capabilities {unknown}; "
+            f"the known ones are {sorted(CAPABILITIES)}"
+        )
