@@ -61,20 +61,23 @@ def _install_local(session: nox.Session, *targets: str) -> None:
     """pip install -e each target with its [test] extra, plus every local package it needs.
 
     Local dependencies must come from this checkout: left to pip, `gradaccum-torch` would be
-    looked up on PyPI.
+    looked up on PyPI. They are listed before their dependents, which pip's resolver needs to
+    see a local `gradaccum-torch==0.1.0` before `gradaccum-ddp` asks for it.
     """
-    needed: list[str] = []
-    todo = [dep for target in targets for dep in _local_requires(target, test=True)]
-    while todo:
-        name = todo.pop()
-        if name not in needed and name not in targets:
-            needed.append(name)
-            todo += _local_requires(name, test=False)
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        for dep in _local_requires(name, test=name in targets):
+            visit(dep)
+        ordered.append(name)
+
+    for target in targets:
+        visit(target)
     args = []
-    for name in targets:
-        args += ["-e", f"{LOCAL[name]}[test]"]
-    for name in needed:
-        args += ["-e", LOCAL[name]]
+    for name in ordered:
+        args += ["-e", f"{LOCAL[name]}[test]" if name in targets else LOCAL[name]]
     session.install(*args)
 
 
@@ -179,5 +182,9 @@ def bench(session: nox.Session) -> None:
     if not (ROOT / "benchmarks/run.py").is_file():
         session.skip("benchmarks/run.py does not exist yet")
     _install_torch(session)
-    _install_local(session, *[n for n in LOCAL if n != "gradaccum-conformance"])
+    # Plain editable installs of every local package: the benchmarks need no [test] extra
+    # (and pip 23 cannot resolve an editable *with* extras listed after a local package
+    # that depends on it: gradaccum-ddp[test] before gradaccum-torch[test] fails).
+    packages = [name for name in LOCAL if name != "gradaccum-conformance"]
+    session.install(*[arg for name in packages for arg in ("-e", LOCAL[name])])
     session.run("python", "benchmarks/run.py", *session.posargs)

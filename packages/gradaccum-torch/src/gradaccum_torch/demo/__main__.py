@@ -1,0 +1,7 @@
+"""``python -m gradaccum_torch.demo``: see :mod:`gradaccum_torch.demo`."""
+
+from __future__ import annotations
+
+from gradaccum_torch.demo import main
+
+raise SystemExit(main())
