@@ -14,6 +14,7 @@ this module only applies the decisions to tensors.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -419,7 +420,8 @@ class Accumulator:
             clip = window.clip
             norm_type = clip.norm_type if clip is not None and clip.mode == "norm" else 2.0
             norm = G.total_norm(grads, norm_type)
-            found_inf = not bool(torch.isfinite(norm).item())
+            # The boundary's one host read: inf or nan anywhere makes the norm non-finite.
+            found_inf = not math.isfinite(norm.item())
             if clip is not None and not found_inf:
                 G.clip_(grads, clip, norm=norm if clip.mode == "norm" else None)
             if window.apply_weights and not found_inf:

@@ -44,7 +44,10 @@ def total_norm(grads: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.T
         # float32 norms for fp16/bf16 gradients, whose own norm overflows early.
         low = group_dtype in (torch.float16, torch.bfloat16)
         norms.extend(torch._foreach_norm(group, norm_type, dtype=torch.float32 if low else None))
-    stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
+    if len(by_key) == 1 and norms[0].dtype == dtype:
+        stacked = torch.stack(norms)  # one device and dtype: no conversions needed
+    else:
+        stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
     norm: torch.Tensor = torch.linalg.vector_norm(stacked, norm_type)
     return norm
 

@@ -16,8 +16,9 @@ Spec references (``ACC-…``) point into ``spec/accumulation.md``.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 from gradaccum.config import AccumulationConfig
@@ -168,7 +169,7 @@ class PassDecision:
     window: WindowDecision | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class AccumulationState:
     """Where accumulation stands. Counters only ever grow (ACC-C1).
 
@@ -315,6 +316,40 @@ class AccumulationState:
         return cls(schedule_state=dict(data["schedule_state"]), **values)
 
 
+def _evolve(state: AccumulationState, **changes: Any) -> AccumulationState:
+    """``dataclasses.replace`` without re-running ``__init__``: a copy of the
+    frozen state's fields with ``changes`` applied (about 0.5 µs instead of 5;
+    this runs on every microbatch)."""
+    new = object.__new__(AccumulationState)
+    fields = new.__dict__
+    fields.update(state.__dict__)
+    fields.update(changes)
+    return new
+
+
+@functools.lru_cache(maxsize=4096)
+def _microbatch_decision(
+    index: int,
+    window_size: int,
+    is_boundary: bool,
+    loss_multiplier: float,
+    isolate: bool,
+    clip: ClipPolicy | None,
+    ends_pass: bool,
+) -> MicrobatchDecision:
+    # Decisions are immutable and repeat every window: build each one once.
+    return MicrobatchDecision(
+        index=index,
+        window_size=window_size,
+        is_boundary=is_boundary,
+        sync_gradients=is_boundary,
+        loss_multiplier=loss_multiplier,
+        isolate=isolate,
+        clip=clip,
+        ends_pass=ends_pass,
+    )
+
+
 _INT_FIELDS = (
     "epoch",
     "position",
@@ -408,17 +443,16 @@ def begin_microbatch(
     ends_pass = last_in_pass or remaining_in_pass == 1
     is_boundary = index + 1 >= window_size or (ends_pass and config.partial_window == "step")
     clip = config.clip if config.clip is not None and config.clip.per_microbatch else None
-    decision = MicrobatchDecision(
-        index=index,
-        window_size=window_size,
-        is_boundary=is_boundary,
-        sync_gradients=is_boundary,
-        loss_multiplier=1.0 / window_size if config.normalization == "mean" else 1.0,
-        isolate=config.isolates_microbatches,
-        clip=clip,
-        ends_pass=ends_pass,
+    decision = _microbatch_decision(
+        index,
+        window_size,
+        is_boundary,
+        1.0 / window_size if config.normalization == "mean" else 1.0,
+        config.isolates_microbatches,
+        clip,
+        ends_pass,
     )
-    new_state = replace(
+    new_state = _evolve(
         state,
         window_size=window_size,
         phase=Phase.MICROBATCH,
@@ -488,7 +522,7 @@ def end_microbatch(
         )
     current = state.current
     keep = not dropped
-    after = replace(
+    after = _evolve(
         state,
         position=state.position + 1,
         micro_steps=state.micro_steps + 1,
@@ -506,7 +540,7 @@ def end_microbatch(
         return after, None
     partial = after.position < after.window_size
     decision = _window_decision(config, after, topology, partial=partial)
-    return replace(after, phase=Phase.BOUNDARY, pending=decision), decision
+    return _evolve(after, phase=Phase.BOUNDARY, pending=decision), decision
 
 
 def commit(
@@ -553,7 +587,7 @@ def commit(
     schedule_state = state.schedule_state
     if isinstance(config.schedule, AdaptiveMicrobatch):
         schedule_state = config.schedule.after_window(schedule_state)
-    new_state = replace(
+    new_state = _evolve(
         state,
         epoch=state.epoch + state.epoch_end_pending,
         position=0,
@@ -599,13 +633,13 @@ def end_pass(
             f"(backward) and let the boundary commit first"
         )
     if state.position == 0:
-        return replace(state, epoch=state.epoch + 1), PassDecision("none")
+        return _evolve(state, epoch=state.epoch + 1), PassDecision("none")
     if config.partial_window == "step":
         decision = _window_decision(config, state, topology, partial=True)
-        closing = replace(state, phase=Phase.BOUNDARY, pending=decision, epoch_end_pending=True)
+        closing = _evolve(state, phase=Phase.BOUNDARY, pending=decision, epoch_end_pending=True)
         return closing, PassDecision("close", decision)
     if config.partial_window == "drop":
-        dropped = replace(
+        dropped = _evolve(
             state,
             epoch=state.epoch + 1,
             position=0,
@@ -617,7 +651,7 @@ def end_pass(
             dropped_windows=state.dropped_windows + 1,
         )
         return dropped, PassDecision("discard")
-    return replace(state, epoch=state.epoch + 1), PassDecision("carry")
+    return _evolve(state, epoch=state.epoch + 1), PassDecision("carry")
 
 
 def cancel_microbatch(state: AccumulationState) -> AccumulationState:
@@ -625,7 +659,7 @@ def cancel_microbatch(state: AccumulationState) -> AccumulationState:
     raised inside its forward, before any gradient was accumulated)."""
     if state.phase is not Phase.MICROBATCH:
         return state
-    return replace(
+    return _evolve(
         state,
         # A window opened by this microbatch closes again, as if never opened.
         window_size=state.window_size if state.position > 0 else 0,
@@ -647,7 +681,7 @@ def abandon_window(state: AccumulationState) -> AccumulationState:
         )
     if state.position == 0:
         return state
-    return replace(
+    return _evolve(
         state,
         position=0,
         window_size=0,
