@@ -28,6 +28,7 @@ from gradaccum.schedules import AdaptiveMicrobatch
 
 __all__ = [
     "SINGLE_PROCESS",
+    "STATE_INT_FIELDS",
     "STATE_VERSION",
     "AccumulationState",
     "CommitDecision",
@@ -266,7 +267,7 @@ class AccumulationState:
                 f"accumulation state version {version!r} is not supported; "
                 f"this release reads version {STATE_VERSION}"
             )
-        expected = set(_INT_FIELDS) | {
+        expected = set(STATE_INT_FIELDS) | {
             "version",
             "synced_in_window",
             "device_items",
@@ -279,7 +280,7 @@ class AccumulationState:
                 f"{sorted(unknown)}; it was not written by a compatible gradaccum"
             )
         values: dict[str, Any] = {}
-        for name in _INT_FIELDS:
+        for name in STATE_INT_FIELDS:
             value = data[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"accumulation state {name}={value!r} must be an integer >= 0")
@@ -350,7 +351,7 @@ def _microbatch_decision(
     )
 
 
-_INT_FIELDS = (
+STATE_INT_FIELDS: tuple[str, ...] = (
     "epoch",
     "position",
     "window_size",

@@ -19,6 +19,7 @@ from typing import Any
 
 from gradaccum.checkpoint.schema import json_path, manifest_validator
 from gradaccum.errors import CheckpointCorruptError, CheckpointVersionError, UsageError
+from gradaccum.state import STATE_INT_FIELDS
 
 __all__ = [
     "FORMAT_NAME",
@@ -52,23 +53,7 @@ MANIFEST_NAME = "manifest.json"
 #: Roles name the tensor files: ``gradients``, ``gradients.rank1``, ``optimizer``, ...
 ROLE_PATTERN = r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*"
 #: The keys of the accumulation state, in the order they are written.
-STATE_KEYS = (
-    "version",
-    "epoch",
-    "position",
-    "window_size",
-    "contributing",
-    "items_in_window",
-    "items_total",
-    "micro_steps",
-    "optimizer_steps",
-    "skipped_steps",
-    "windows",
-    "dropped_microbatches",
-    "dropped_windows",
-    "synced_in_window",
-    "schedule_state",
-)
+STATE_KEYS = ("version", *STATE_INT_FIELDS, "synced_in_window", "schedule_state")
 #: Keys of the accumulation state that may be absent (then they mean ``false``).
 OPTIONAL_STATE_KEYS = ("device_items",)
 
