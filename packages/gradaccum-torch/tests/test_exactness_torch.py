@@ -167,3 +167,25 @@ def test_events_arrive_in_order_with_counters() -> None:
     ]
     assert acc.stats.skipped_steps == 1 and acc.effective_step == 2
     assert acc.stats.last_grad_norm is not None and acc.stats.last_grad_norm > 0
+
+
+def test_device_item_counts_reach_the_counters_and_empty_windows_skip() -> None:
+    """ACC-C4, ACC-N6: items counted on the device are in items_total after the step,
+    and a window whose device counts are all zero is empty: skipped, parameters untouched."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    acc = Accumulator(model, opt, steps=2, normalization="items")
+    batches = make_batches([3, 2, 4, 1])
+    for batch in batches[:2]:
+        with acc.microbatch(items=torch.tensor(len(batch[0]))):
+            acc.backward(sum_loss(model, batch))
+    assert acc.stats.optimizer_steps == 1
+    assert acc.stats.items_total == 5
+    before = params_of(model)
+    for batch in batches[2:]:
+        with acc.microbatch(items=torch.tensor(0)):
+            acc.backward(sum_loss(model, batch) * 0)
+    assert (acc.stats.optimizer_steps, acc.stats.skipped_steps) == (1, 1)
+    assert acc.stats.items_total == 5
+    # AdamW's weight decay would have moved the parameters had the empty window stepped.
+    assert all(torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True))

@@ -402,13 +402,13 @@ class Accumulator:
 
     def _close_window(self, window: WindowDecision) -> bool:
         if self._buffered:
-            self._restore_from_buffers(window)
+            world_total = self._restore_from_buffers(window)
             grads = self._grads()
         else:
             grads = self._grads()
             if window.needs_manual_sync:
                 self._manual_sync(grads)
-            self._normalize(grads, window)
+            world_total = self._normalize(grads, window)
         amp_overflow = False
         found_inf = False
         norm: torch.Tensor | None = None
@@ -428,7 +428,11 @@ class Accumulator:
                 for weight, params in self._weighted:
                     G.scale_([p.grad for p in params if p.grad is not None], weight)
         verdict = self._machine.commit(
-            found_inf=found_inf, amp_overflow=amp_overflow, grad_norm=norm
+            found_inf=found_inf,
+            amp_overflow=amp_overflow,
+            grad_norm=norm,
+            # Device-side counts become known here, at the boundary (ACC-C4, ACC-N6).
+            world_items=None if world_total is None else round(world_total.item()),
         )
         if verdict.step_optimizer:
             if self.scaler is not None:
@@ -452,7 +456,12 @@ class Accumulator:
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self._params if p.grad is not None]
 
-    def _normalize(self, grads: Sequence[torch.Tensor], window: WindowDecision) -> None:
+    def _normalize(
+        self, grads: Sequence[torch.Tensor], window: WindowDecision
+    ) -> torch.Tensor | None:
+        """Apply the window's multiplier; under ``items`` with device counts or
+        several ranks, divide by the world item count and return it (a device
+        scalar), else return None."""
         if window.divide_by_world_items:
             local = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
             if self._items is not None:
@@ -460,18 +469,20 @@ class Accumulator:
             local = local + window.items
             total = self._world_items(local)
             G.scale_(grads, window.grad_multiplier / total.clamp(min=1.0))
-        else:
-            G.scale_(grads, window.grad_multiplier)
+            return total
+        G.scale_(grads, window.grad_multiplier)
+        return None
 
-    def _restore_from_buffers(self, window: WindowDecision) -> None:
+    def _restore_from_buffers(self, window: WindowDecision) -> torch.Tensor | None:
         buffers = [self._buffers[id(p)] for p in self._params if id(p) in self._buffers]
         if window.needs_manual_sync:
             self._manual_sync(buffers)
-        self._normalize(buffers, window)
+        world_total = self._normalize(buffers, window)
         for param in self._params:
             buf = self._buffers.get(id(param))
             if buf is not None:
                 param.grad = buf.to(device=param.device, dtype=param.dtype)
+        return world_total
 
     def _zero(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
