@@ -1,0 +1,300 @@
+"""The conformance harness of gradaccum-ddp (needs ``gradaccum-conformance``).
+
+:class:`DDPHarness` runs a conformance :class:`~gradaccum_conformance.Scenario`
+through :class:`~gradaccum_ddp.DDPAccumulator`'s public API on real process
+groups:
+
+* ``world_size == 1``: in this process, on a one-rank gloo process group it
+  creates (and destroys) around the run;
+* ``world_size > 1``: on that many fresh processes (``torch.multiprocessing``,
+  gloo on loopback, see :func:`gradaccum_ddp.testing.launch`). Each rank writes
+  its trajectory as JSON; the harness returns rank 0's and first checks that
+  every rank's is identical (parameters bitwise, learning rates, outcomes,
+  counters, reductions): ranks that disagree fail the run.
+
+Gradient reductions are counted per window by
+:class:`~gradaccum_ddp.testing.ReductionCounter`. Use it with the suite::
+
+    pytest --pyargs gradaccum_conformance --gradaccum-harness=gradaccum_ddp.harness:DDPHarness
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import HashStore
+from torch.nn.parallel import DistributedDataParallel
+
+import gradaccum.errors
+from gradaccum_conformance import (
+    Harness,
+    MicrobatchView,
+    Scenario,
+    Trajectory,
+    TrajectoryRecorder,
+)
+from gradaccum_ddp.accumulator import DDPAccumulator
+from gradaccum_ddp.testing import ReductionCounter, launch
+
+__all__ = ["DDPHarness", "trajectory_from_json", "trajectory_to_json"]
+
+
+class _Run:
+    """One rank's objects, fresh from the scenario's factories."""
+
+    def __init__(self, harness: DDPHarness, scenario: Scenario) -> None:
+        self.model = scenario.make_model().to(scenario.device)
+        device_ids = [self.model[0].weight.device] if scenario.device != "cpu" else None
+        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = scenario.make_optimizer(self.model)
+        self.scheduler = scenario.make_scheduler(self.optimizer)
+        self.scaler = scenario.make_scaler()
+        self.acc = harness.accumulator(
+            self.ddp,
+            self.optimizer,
+            config=scenario.config,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+        )
+        self.counter = ReductionCounter(self.ddp, self.acc)
+
+
+class DDPHarness(Harness):
+    """gradaccum-ddp under the conformance suite, at any world size."""
+
+    name = "gradaccum-ddp"
+    capabilities = frozenset(
+        {
+            "amp_fp16",
+            "amp_bf16",
+            "checkpoint",
+            "checkpoint_mid_window",
+            "offload",
+            "fp32_accumulation",
+            "per_microbatch_clip",
+            "drop_microbatch",  # on one rank; the core refuses it on several
+            "weights",
+            "schedules",
+            "partial_carry",
+            "partial_drop",
+            "distributed",
+        }
+    )
+    timeout: ClassVar[float] = 180.0
+    """Seconds a multi-process run may take before its ranks are killed."""
+
+    def accumulator(self, ddp: DistributedDataParallel, optimizer: Any, **kwargs: Any) -> Any:
+        """The accumulator under test (meta-tests override it with broken ones)."""
+        return DDPAccumulator(ddp, optimizer, **kwargs)
+
+    def run(self, scenario: Scenario, workdir: Path) -> Trajectory:
+        if scenario.world_size == 1:
+            with _one_rank_group():
+                return run_rank(self, scenario, workdir, rank=0)
+        launched = launch(
+            _rank_program,
+            scenario.world_size,
+            self,
+            scenario,
+            str(workdir),
+            timeout=self.timeout,
+            pg_timeout=60.0,
+        )
+        results = []
+        for rank in range(scenario.world_size):
+            path = workdir / f"trajectory.rank{rank}.json"
+            if not path.exists():
+                raise RuntimeError(
+                    f"{self.name}: rank {rank} wrote no trajectory ({launched}); its traceback "
+                    f"is on stderr"
+                )
+            results.append(json.loads(path.read_text()))
+        for rank, result in enumerate(results):
+            if "error" in result:
+                raise _rebuild_error(result["error"], rank)
+        first = results[0]["trajectory"]
+        for rank, result in enumerate(results[1:], start=1):
+            if _shared(result["trajectory"], scenario) != _shared(first, scenario):
+                raise AssertionError(
+                    f"{self.name}: rank {rank}'s trajectory differs from rank 0's "
+                    f"(parameters, learning rates, outcomes, counters or reductions): ranks "
+                    f"must agree on every decision"
+                )
+        return trajectory_from_json(first)
+
+
+def _shared(trajectory: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
+    """What every rank must agree on. Outside ``items`` normalization item counts are
+    informational and each rank's own (``docs/ddp.md``)."""
+    if scenario.config.normalization == "items":
+        return trajectory
+    stats = {k: v for k, v in trajectory["stats"].items() if k not in _PER_RANK_STATS}
+    return {**trajectory, "stats": stats}
+
+
+_PER_RANK_STATS = ("items_in_window", "items_total")
+
+
+@contextlib.contextmanager
+def _one_rank_group() -> Iterator[None]:
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(
+                "a world_size=1 scenario needs a one-rank process group, but this process is "
+                f"already in a group of {dist.get_world_size()}"
+            )
+        yield
+        return
+    dist.init_process_group(
+        "gloo",
+        store=HashStore(),  # one rank: an in-memory store, no port
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        yield
+    finally:
+        gc.collect()  # DDP objects of the run go before their process group
+        dist.destroy_process_group()
+
+
+def _passes(scenario: Scenario, rank: int) -> list[list[MicrobatchView]]:
+    passes: list[list[MicrobatchView]] = []
+    for view in scenario.iter_microbatches(rank):
+        if view.index_in_pass == 0:
+            passes.append([])
+        passes[-1].append(view)
+    return passes
+
+
+def _generator(views: list[MicrobatchView]) -> Iterator[MicrobatchView]:
+    yield from views
+
+
+def run_rank(harness: DDPHarness, scenario: Scenario, workdir: Path, rank: int) -> Trajectory:
+    """Run ``scenario`` as rank ``rank`` of the current process group."""
+    run = _Run(harness, scenario)
+    recorder = TrajectoryRecorder(run.model)
+    for views in _passes(scenario, rank):
+        remaining = views
+        while remaining:
+            # "known": iterate() sees len() and plans a short last window; "last_only": a
+            # generator, so only the one-item look-ahead marks the last microbatch.
+            source = remaining if scenario.pass_length == "known" else _generator(remaining)
+            resumed_at: int | None = None
+            for view in run.acc.iterate(source):
+                windows, steps = run.acc.machine.state.windows, run.acc.stats.optimizer_steps
+                with run.acc.microbatch(items=view.items):
+                    with scenario.autocast():
+                        loss = scenario.loss(run.ddp(view.x), view.y)
+                    run.acc.backward(loss)
+                if run.acc.machine.state.windows != windows:
+                    recorder.window(
+                        run.model,
+                        run.optimizer,
+                        stepped=run.acc.stats.optimizer_steps != steps,
+                        reductions=run.counter.take(),
+                    )
+                if view.global_index == scenario.checkpoint_after and not view.is_last_in_pass:
+                    run = _checkpoint_and_resume(harness, scenario, run, workdir)
+                    resumed_at = view.index_in_pass + 1
+                    break
+            if resumed_at is None:
+                if views[-1].global_index == scenario.checkpoint_after:
+                    run = _checkpoint_and_resume(harness, scenario, run, workdir)
+                break
+            remaining = views[resumed_at:]
+    return recorder.finish(run.acc.stats, run.scheduler)
+
+
+def _checkpoint_and_resume(
+    harness: DDPHarness, scenario: Scenario, run: _Run, workdir: Path
+) -> _Run:
+    path = workdir / "checkpoint"
+    run.acc.save(path)
+    del run
+    fresh = _Run(harness, scenario)
+    fresh.acc.load(path)
+    return fresh
+
+
+def _rank_program(
+    rank: int, world_size: int, harness: DDPHarness, scenario: Scenario, workdir: str
+) -> None:
+    out = Path(workdir) / f"trajectory.rank{rank}.json"
+    try:
+        result: dict[str, Any] = {
+            "trajectory": trajectory_to_json(run_rank(harness, scenario, Path(workdir), rank))
+        }
+    except gradaccum.errors.GradAccumError as exc:
+        result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(out)
+
+
+def _rebuild_error(error: dict[str, str], rank: int) -> BaseException:
+    """The rank's GradAccumError, raised again in the parent (same class)."""
+    cls = getattr(gradaccum.errors, error["type"], None)
+    if isinstance(cls, type) and issubclass(cls, gradaccum.errors.GradAccumError):
+        return cls(f"(rank {rank}) {error['message']}")
+    return RuntimeError(f"rank {rank} raised {error['type']}: {error['message']}")
+
+
+def _tensors_to_json(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        name: {"shape": list(t.shape), "values": [float(v) for v in t.reshape(-1).tolist()]}
+        for name, t in tensors.items()
+    }
+
+
+def _tensors_from_json(data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.tensor(entry["values"], dtype=torch.float64).reshape(entry["shape"])
+        for name, entry in data.items()
+    }
+
+
+def trajectory_to_json(trajectory: Trajectory) -> dict[str, Any]:
+    """A :class:`Trajectory` as JSON (float64 values survive exactly)."""
+    return {
+        "initial_params": _tensors_to_json(trajectory.initial_params),
+        "params": [_tensors_to_json(p) for p in trajectory.params],
+        "lrs": [list(lrs) for lrs in trajectory.lrs],
+        "outcomes": list(trajectory.outcomes),
+        "micro_steps": trajectory.micro_steps,
+        "optimizer_steps": trajectory.optimizer_steps,
+        "skipped_steps": trajectory.skipped_steps,
+        "stats": {k: _json_value(v) for k, v in trajectory.stats.items()},
+        "scheduler_steps": trajectory.scheduler_steps,
+        "reductions_per_window": trajectory.reductions_per_window,
+    }
+
+
+def _json_value(value: Any) -> Any:
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def trajectory_from_json(data: dict[str, Any]) -> Trajectory:
+    """Inverse of :func:`trajectory_to_json`."""
+    return Trajectory(
+        initial_params=_tensors_from_json(data["initial_params"]),
+        params=[_tensors_from_json(p) for p in data["params"]],
+        lrs=[tuple(lrs) for lrs in data["lrs"]],
+        outcomes=list(data["outcomes"]),
+        micro_steps=data["micro_steps"],
+        optimizer_steps=data["optimizer_steps"],
+        skipped_steps=data["skipped_steps"],
+        stats=dict(data["stats"]),
+        scheduler_steps=data["scheduler_steps"],
+        reductions_per_window=data["reductions_per_window"],
+    )

@@ -1,0 +1,199 @@
+"""Test utilities: count gradient reductions, launch real process groups.
+
+* :class:`ReductionCounter` counts every gradient reduction of a DDP model:
+  each backward in which DDP all-reduced its buckets (seen through a
+  communication hook that wraps DDP's default all-reduce), plus each
+  reduction a :class:`~gradaccum_ddp.DDPAccumulator` made itself. The
+  conformance suite's distributed harness uses it to prove "exactly one
+  reduction per window".
+* :func:`launch` runs a function on ``world_size`` fresh processes
+  (``torch.multiprocessing``, spawn) with an initialised gloo process group on
+  loopback, and never waits longer than its timeout: a hung rank is killed.
+  Results travel through files the function writes, never through pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch._C._distributed_c10d import GradBucket
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from gradaccum_ddp.accumulator import DDPAccumulator
+
+__all__ = ["LaunchResult", "ReductionCounter", "free_port", "launch"]
+
+
+class ReductionCounter:
+    """Counts the gradient reductions of ``model`` (and of ``acc``, if given).
+
+    Registers a communication hook on ``model`` (DDP allows one per model,
+    before its first backward); the hook all-reduces exactly as DDP's default
+    does (average over the process group) and counts.
+
+    Attributes:
+        backward_reductions: backward passes in which DDP communicated
+            (one per backward, however many buckets).
+        buckets: buckets all-reduced, over all those backward passes.
+        manual_reductions: reductions the accumulator made itself.
+    """
+
+    def __init__(self, model: DistributedDataParallel, acc: DDPAccumulator | None = None) -> None:
+        self.backward_reductions = 0
+        self.buckets = 0
+        self.manual_reductions = 0
+        self._group: dist.ProcessGroup = model.process_group
+        self._taken = 0
+        model.register_comm_hook(self, _counting_hook)
+        if acc is not None:
+            acc.add_reduction_observer(self._on_manual)
+
+    def _on_manual(self, kind: str) -> None:
+        self.manual_reductions += 1
+
+    @property
+    def total(self) -> int:
+        """Every gradient reduction counted so far."""
+        return self.backward_reductions + self.manual_reductions
+
+    def take(self) -> int:
+        """The reductions counted since the previous call (per window, say)."""
+        taken, self._taken = self.total - self._taken, self.total
+        return taken
+
+
+def _counting_hook(
+    state: ReductionCounter, bucket: GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    state.buckets += 1
+    if bucket.is_last():
+        state.backward_reductions += 1
+    return default_hooks.allreduce_hook(state._group, bucket)
+
+
+# DDP checks a hook's annotations as objects; postponed (string) annotations fail that check.
+_counting_hook.__annotations__ = {
+    "state": object,
+    "bucket": GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """What :func:`launch` saw: each rank's exit code (``None``: killed at the
+    timeout), whether the timeout hit, and the wall time."""
+
+    exitcodes: list[int | None]
+    timed_out: bool
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """Every rank exited with status 0 before the timeout."""
+        return not self.timed_out and all(code == 0 for code in self.exitcodes)
+
+
+def _entry(
+    target: Callable[..., None],
+    rank: int,
+    world_size: int,
+    store_file: str,
+    backend: str,
+    pg_timeout: float,
+    threads: int,
+    args: Sequence[Any],
+) -> None:
+    torch.set_num_threads(threads)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{store_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=pg_timeout),
+    )
+    try:
+        target(rank, world_size, *args)
+    finally:
+        # DDP models left in reference cycles must go before their process group, or the
+        # process may abort at exit ("terminate called without an active exception").
+        gc.collect()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def launch(
+    target: Callable[..., None],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    pg_timeout: float = 30.0,
+    backend: str = "gloo",
+    threads: int = 1,
+) -> LaunchResult:
+    """Run ``target(rank, world_size, *args)`` on ``world_size`` spawned processes.
+
+    Each process first joins a process group (``backend``, rendezvous through a
+    fresh file store — no TCP port to pick, so launches running side by side
+    cannot collide; gloo then connects the ranks over loopback — and
+    ``pg_timeout`` seconds for every collective) with
+    ``torch.set_num_threads(threads)``. ``target`` must be importable by name
+    (a module-level function); its arguments are sent by multiprocessing, its
+    results should be written to files. Waits at most ``timeout`` seconds in
+    all, then kills the ranks still running.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="gradaccum-ddp-launch-") as tmp:
+        store_file = os.path.join(tmp, "store")
+        processes = [
+            ctx.Process(
+                target=_entry,
+                args=(target, rank, world_size, store_file, backend, pg_timeout, threads, args),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        return _run(processes, timeout)
+
+
+def _run(processes: list[Any], timeout: float) -> LaunchResult:
+    start = time.monotonic()
+    for process in processes:
+        process.start()
+    deadline = start + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    killed: set[int] = set()
+    for rank, process in enumerate(processes):
+        if process.is_alive():
+            killed.add(rank)
+            process.terminate()
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    codes = [None if r in killed else p.exitcode for r, p in enumerate(processes)]
+    return LaunchResult(codes, bool(killed), time.monotonic() - start)
