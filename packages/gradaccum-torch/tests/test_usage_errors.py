@@ -193,7 +193,8 @@ def test_checkpoint_from_a_different_model(tmp_path: Path) -> None:
     before = _snapshot(other, acc)
     with pytest.raises(
         CheckpointMismatchError,
-        match=r"has shape \(8,\) in the checkpoint but the parameter has shape \(6,\)",
+        match=r"'0\.weight' has shape \(8, 4\) in the checkpoint "
+        r"but the parameter has shape \(6, 4\)",
     ):
         acc.load(path)
     _same(before, other, acc)

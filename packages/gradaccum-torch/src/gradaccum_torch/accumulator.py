@@ -552,7 +552,9 @@ class Accumulator:
                 f"the checkpoint holds gradients for {unknown[:5]}, which this model/optimizer "
                 f"lacks; its parameters are {self._names[:5]}…; load it into the same model"
             )
-        for name, tensor in gradients.items():
+        # In the model's parameter order, so the first mismatch reported is deterministic.
+        for name in (n for n in self._names if n in gradients):
+            tensor = gradients[name]
             if tuple(tensor.shape) != tuple(by_name[name].shape):
                 raise CheckpointMismatchError(
                     f"gradient {name!r} has shape {tuple(tensor.shape)} in the checkpoint but "

@@ -184,7 +184,8 @@ def _check_model(
             f"{unexpected[:5]}; load it into the model it was saved from"
         )
     out = {}
-    for name, tensor in tensors.items():
+    for name in by_canonical:  # the model's order: the first mismatch reported is stable
+        tensor = tensors[name]
         key = by_canonical[name]
         if tuple(live[key].shape) != tuple(tensor.shape):
             raise CheckpointMismatchError(
