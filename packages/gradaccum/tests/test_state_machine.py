@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -537,3 +538,36 @@ def test_target_batch_world_size_must_match_topology() -> None:
     config = AccumulationConfig(schedule=TargetBatch(32, 4, 1))
     with pytest.raises(ConfigError, match="2"):
         AccumulationMachine(config, topology=Topology(2))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"accumulation_dtype": "float32"},
+        {"offload": True},
+        {"clip": ClipPolicy(1.0, per_microbatch=True)},
+    ],
+    ids=["fp32-buffers", "offload", "per-microbatch-clip"],
+)
+def test_gradient_outside_param_grad_defers_the_sync_to_one_manual_reduction(
+    options: dict[str, Any],
+) -> None:
+    """ACC-D1: on several ranks a gradient kept outside param.grad is never synced by a
+    backward; the window closes needing exactly one manual reduction. One rank: unchanged."""
+    config = AccumulationConfig(3, **options)
+    many = AccumulationMachine(config, topology=Topology(2))
+    syncs = []
+    for _ in range(3):
+        syncs.append(many.begin().sync_gradients)
+        window = many.end()
+    assert syncs == [False, False, False]
+    assert window is not None
+    assert window.needs_manual_sync
+    one = AccumulationMachine(config)
+    syncs = []
+    for _ in range(3):
+        syncs.append(one.begin().sync_gradients)
+        window = one.end()
+    assert syncs == [False, False, True]
+    assert window is not None
+    assert not window.needs_manual_sync

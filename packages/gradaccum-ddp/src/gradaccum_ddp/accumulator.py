@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import ConfigError, UsageError
-from gradaccum.state import MicrobatchDecision, Topology, WindowDecision
+from gradaccum.state import MicrobatchDecision, Topology
 from gradaccum.stats import AccumulationListener
 from gradaccum_ddp._version import PRODUCER
 from gradaccum_ddp.collectives import (
@@ -142,7 +142,6 @@ class DDPAccumulator(Accumulator):
             listeners=listeners,
             **options,
         )
-        self._defer_sync = self._buffered or self.config.isolates_microbatches
         self._lockstep: Lockstep = lockstep
         self._pass_checked = False
         self._observers: list[Callable[[str], None]] = []
@@ -169,9 +168,7 @@ class DDPAccumulator(Accumulator):
             and (decision.index == 0 or decision.is_boundary)
         ):
             self._agree_microbatch(decision)
-        if sync and not self._defer_sync:
-            return contextlib.nullcontext()
-        return self.ddp.no_sync()
+        return contextlib.nullcontext() if sync else self.ddp.no_sync()
 
     def _manual_sync(self, grads: Sequence[torch.Tensor]) -> None:
         with communication_errors("the gradient all-reduce at the window's boundary", self._rank):
@@ -183,15 +180,6 @@ class DDPAccumulator(Accumulator):
     def _world_items(self, local: torch.Tensor) -> torch.Tensor:
         with communication_errors("the all-reduce of the window's item count", self._rank):
             return all_reduce_sum(local, self._group, self._comm)
-
-    def _normalize(
-        self, grads: Sequence[torch.Tensor], window: WindowDecision
-    ) -> torch.Tensor | None:
-        if self._defer_sync and not window.needs_manual_sync:
-            # The window accumulated outside param.grad (fp32 buffers, offload, isolation),
-            # where DDP's hooks cannot reduce it: reduce the accumulated gradient once here.
-            self._manual_sync(grads)
-        return super()._normalize(grads, window)
 
     # -- public surface ----------------------------------------------------------
 

@@ -147,6 +147,13 @@ class AccumulationConfig:
             self.clip is not None and self.clip.per_microbatch
         )
 
+    @property
+    def accumulates_outside_grad(self) -> bool:
+        """True when the window's gradient is kept outside ``param.grad``
+        (float32 buffers, CPU offload, or isolated microbatches), where a
+        backward's own communication cannot reduce it."""
+        return self.accumulation_dtype == "float32" or self.offload or self.isolates_microbatches
+
     def replace(self, **changes: Any) -> AccumulationConfig:
         """A copy with ``changes`` applied and validated."""
         current = {name: getattr(self, name) for name in _KEYS}

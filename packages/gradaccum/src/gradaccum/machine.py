@@ -142,6 +142,7 @@ class AccumulationMachine:
             items_on_device=items_on_device,
             last_in_pass=last_in_pass,
             remaining_in_pass=remaining_in_pass,
+            topology=self._topology,
         )
         return decision
 

@@ -91,7 +91,9 @@ class MicrobatchDecision:
         is_boundary: this is the last microbatch of its window; after its
             backward the window closes.
         sync_gradients: communicate gradients in this backward (forward
-            included, for DDP). True exactly on boundaries (ACC-D1).
+            included, for DDP). True exactly on boundaries (ACC-D1), except
+            on several ranks when the gradient accumulates outside
+            ``param.grad``: then never, and the boundary reduces manually.
         loss_multiplier: multiply the loss by this before backward.
         isolate: compute this microbatch's gradient on its own before adding
             it to the window (per-microbatch clipping or ``drop_microbatch``).
@@ -333,6 +335,7 @@ def _microbatch_decision(
     index: int,
     window_size: int,
     is_boundary: bool,
+    sync_gradients: bool,
     loss_multiplier: float,
     isolate: bool,
     clip: ClipPolicy | None,
@@ -343,7 +346,7 @@ def _microbatch_decision(
         index=index,
         window_size=window_size,
         is_boundary=is_boundary,
-        sync_gradients=is_boundary,
+        sync_gradients=sync_gradients,
         loss_multiplier=loss_multiplier,
         isolate=isolate,
         clip=clip,
@@ -401,6 +404,7 @@ def begin_microbatch(
     items_on_device: bool = False,
     last_in_pass: bool = False,
     remaining_in_pass: int | None = None,
+    topology: Topology = SINGLE_PROCESS,
 ) -> tuple[AccumulationState, MicrobatchDecision]:
     """Open a microbatch and decide how to run it.
 
@@ -444,10 +448,15 @@ def begin_microbatch(
     ends_pass = last_in_pass or remaining_in_pass == 1
     is_boundary = index + 1 >= window_size or (ends_pass and config.partial_window == "step")
     clip = config.clip if config.clip is not None and config.clip.per_microbatch else None
+    # On several ranks a gradient kept outside param.grad cannot be reduced by a
+    # backward's own communication: no microbatch syncs, and the window closes with
+    # one manual reduction of the accumulated gradient (needs_manual_sync, ACC-D1).
+    deferred = topology.world_size > 1 and config.accumulates_outside_grad
     decision = _microbatch_decision(
         index,
         window_size,
         is_boundary,
+        is_boundary and not deferred,
         1.0 / window_size if config.normalization == "mean" else 1.0,
         config.isolates_microbatches,
         clip,
