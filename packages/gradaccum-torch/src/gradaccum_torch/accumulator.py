@@ -485,9 +485,8 @@ class Accumulator:
         return world_total
 
     def _zero(self) -> None:
+        # self._params are exactly the optimizer's parameters: this clears every .grad.
         self.optimizer.zero_grad(set_to_none=True)
-        for param in self._params:
-            param.grad = None
         self._buffers.clear()
         self._items = None
 
