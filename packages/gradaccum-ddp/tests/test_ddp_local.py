@@ -3,8 +3,6 @@ giving exactly what single-process gradaccum-torch gives."""
 
 from __future__ import annotations
 
-import datetime
-import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,14 +10,13 @@ import ddp_workers as W
 import pytest
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import HashStore
 from torch.nn.parallel import DistributedDataParallel
 
 from gradaccum.checkpoint import read_checkpoint
 from gradaccum.errors import ConfigError, UsageError
 from gradaccum_ddp import DDPAccumulator
 from gradaccum_ddp.collectives import pack_files, unpack_files
-from gradaccum_ddp.testing import ReductionCounter
+from gradaccum_ddp.testing import ReductionCounter, one_rank_group
 from gradaccum_torch import Accumulator
 
 SIZES = [2, 5, 1, 3, 4, 2, 6]
@@ -27,18 +24,8 @@ SIZES = [2, 5, 1, 3, 4, 2, 6]
 
 @pytest.fixture
 def group() -> Iterator[None]:
-    dist.init_process_group(
-        "gloo",
-        store=HashStore(),  # one rank: an in-memory store, no port
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with one_rank_group():
         yield
-    finally:
-        gc.collect()  # DDP objects of the test go before their process group
-        dist.destroy_process_group()
 
 
 def test_needs_an_initialised_process_group() -> None:

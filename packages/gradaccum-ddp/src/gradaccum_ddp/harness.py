@@ -20,17 +20,12 @@ Gradient reductions are counted per window by
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
-from torch._C._distributed_c10d import HashStore
 from torch.nn.parallel import DistributedDataParallel
 
 import gradaccum.errors
@@ -42,7 +37,7 @@ from gradaccum_conformance import (
     TrajectoryRecorder,
 )
 from gradaccum_ddp.accumulator import DDPAccumulator
-from gradaccum_ddp.testing import ReductionCounter, launch
+from gradaccum_ddp.testing import ReductionCounter, launch, one_rank_group
 
 __all__ = ["DDPHarness", "trajectory_from_json", "trajectory_to_json"]
 
@@ -97,7 +92,7 @@ class DDPHarness(Harness):
 
     def run(self, scenario: Scenario, workdir: Path) -> Trajectory:
         if scenario.world_size == 1:
-            with _one_rank_group():
+            with one_rank_group():
                 return run_rank(self, scenario, workdir, rank=0)
         launched = launch(
             _rank_program,
@@ -141,30 +136,6 @@ def _shared(trajectory: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
 
 
 _PER_RANK_STATS = ("items_in_window", "items_total")
-
-
-@contextlib.contextmanager
-def _one_rank_group() -> Iterator[None]:
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise RuntimeError(
-                "a world_size=1 scenario needs a one-rank process group, but this process is "
-                f"already in a group of {dist.get_world_size()}"
-            )
-        yield
-        return
-    dist.init_process_group(
-        "gloo",
-        store=HashStore(),  # one rank: an in-memory store, no port
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        yield
-    finally:
-        gc.collect()  # DDP objects of the run go before their process group
-        dist.destroy_process_group()
 
 
 def _passes(scenario: Scenario, rank: int) -> list[list[MicrobatchView]]:

@@ -21,21 +21,21 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch._C._distributed_c10d import GradBucket
+from torch._C._distributed_c10d import GradBucket, HashStore
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 if TYPE_CHECKING:
     from gradaccum_ddp.accumulator import DDPAccumulator
 
-__all__ = ["LaunchResult", "ReductionCounter", "free_port", "launch"]
+__all__ = ["LaunchResult", "ReductionCounter", "free_port", "launch", "one_rank_group"]
 
 
 class ReductionCounter:
@@ -197,3 +197,29 @@ def _run(processes: list[Any], timeout: float) -> LaunchResult:
                 process.join(5)
     codes = [None if r in killed else p.exitcode for r, p in enumerate(processes)]
     return LaunchResult(codes, bool(killed), time.monotonic() - start)
+
+
+@contextlib.contextmanager
+def one_rank_group() -> Iterator[None]:
+    """A one-rank gloo process group on an in-memory store (no port) for the
+    duration of the block; an existing one-rank group is reused as is."""
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(
+                "a world_size=1 scenario needs a one-rank process group, but this process is "
+                f"already in a group of {dist.get_world_size()}"
+            )
+        yield
+        return
+    dist.init_process_group(
+        "gloo",
+        store=HashStore(),  # one rank: an in-memory store, no port
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        yield
+    finally:
+        gc.collect()  # DDP objects of the block go before their process group
+        dist.destroy_process_group()
