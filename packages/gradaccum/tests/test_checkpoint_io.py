@@ -63,7 +63,7 @@ def make_state(**changes: Any) -> dict[str, Any]:
         "dropped_microbatches": 1,
         "dropped_windows": 0,
         "synced_in_window": False,
-        "schedule_state": {"k": 4},
+        "schedule_state": {},
     }
     state.update(changes)
     return state
@@ -202,11 +202,19 @@ def test_boundary_checkpoint_without_files(tmp_path: Path) -> None:
     assert dict(ck.metadata) == {}
 
 
+ADAPTIVE_CONFIG: dict[str, Any] = {
+    "schedule": {"kind": "adaptive", "target": 8, "micro_batch": 2},
+    "normalization": "items",
+    "partial_window": "step",
+    "non_finite": "skip",
+}
+
+
 def test_manifest_is_independent_of_later_mutation(tmp_path: Path) -> None:
-    state = make_state()
-    manifest = write(tmp_path / "c", state=state)
-    state["schedule_state"]["k"] = 99
-    assert manifest.state["schedule_state"] == {"k": 4}
+    state = make_state(schedule_state={"micro_batch": 2, "clean_windows": 0, "ooms": 0})
+    manifest = write(tmp_path / "c", state=state, config=ADAPTIVE_CONFIG)
+    state["schedule_state"]["ooms"] = 99
+    assert manifest.state["schedule_state"] == {"micro_batch": 2, "clean_windows": 0, "ooms": 0}
     with pytest.raises(TypeError):
         manifest.state["epoch"] = 5  # type: ignore[index]
 
@@ -511,12 +519,19 @@ def _state_edit(**changes: Any) -> Any:
         (_state_edit(phase="idle"), r"at \$\.state: unexpected key 'phase'"),
         (lambda d: d["state"].pop("windows"), r"at \$\.state: missing required key 'windows'"),
         (_state_edit(micro_steps=-3), r"at \$\.state\.micro_steps: expected a number >= 0, got -3"),
-        (_state_edit(position=5), r"state\.position is 5 but state\.window_size is 4"),
+        (
+            _state_edit(position=5),
+            r"\$\.state is invalid: accumulation state position=5 with window_size=4 is "
+            r"impossible",
+        ),
         (
             _state_edit(contributing=4, position=3),
-            r"state\.contributing is 4 but state\.position is 3",
+            r"\$\.state is invalid: accumulation state contributing=4 exceeds position=3",
         ),
-        (_state_edit(epoch=1.0), r"\$\.state\.epoch is 1\.0; it must be written as an integer"),
+        (
+            _state_edit(epoch=1.0),
+            r"\$\.state is invalid: accumulation state epoch=1\.0 must be an integer >= 0",
+        ),
         (
             lambda d: d["files"]["gradients"].update(path="optimizer.safetensors"),
             r"files\['gradients'\]\.path is 'optimizer.safetensors', "
@@ -626,7 +641,10 @@ class _Opaque:
         ({"state": make_state(schedule_state={1: "a"})}, r"has the key 1 of type int"),
         ({"state": make_state(schedule_state={"x": float("nan")})}, r"is nan, which JSON"),
         ({"state": make_state(epoch=_Opaque())}, r"state\['epoch'\] is a _Opaque"),
-        ({"state": make_state(position=9)}, r"state\.position is 9 but state\.window_size is 4"),
+        (
+            {"state": make_state(position=9)},
+            r"\$\.state is invalid: accumulation state position=9 with window_size=4",
+        ),
         ({"state": make_state(micro_steps=-1)}, r"\$\.state\.micro_steps: expected a number >= 0"),
         ({"state": {"version": 1}}, r"\$\.state: missing required key 'epoch'"),
         ({"state": [1]}, r"state is a list; pass a mapping"),

@@ -135,3 +135,29 @@ def test_python_dash_m(corrupted: Path) -> None:
     )  # fmt: skip
     assert bad.returncode == 1
     assert bad.stderr.startswith("invalid: ")
+
+
+def test_python_dash_m_refuses_a_state_load_refuses(tmp_path: Path) -> None:
+    """CKPT-9: a checkpoint whose state no adapter can load (a window whose
+    last microbatch ran but that never closed) is invalid for the command
+    too: exit 1, the core's reason naming the field, no traceback."""
+    copy = tmp_path / "full-window"
+    shutil.copytree(FIXTURE, copy)
+    manifest = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
+    manifest["state"].update(position=4, contributing=4, micro_steps=12)
+    (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    bad = subprocess.run(
+        [sys.executable, "-m", "gradaccum", "validate", str(copy)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert bad.stderr.startswith(f"invalid: checkpoint at '{copy}': $.state is invalid: ")
+    assert (
+        "accumulation state position=4 with window_size=4 is impossible between microbatches"
+        in bad.stderr
+    )
+    assert "Traceback" not in bad.stderr

@@ -16,6 +16,10 @@ therefore leaves at ``target`` (or, in the fallback's one gap, at the
 ``.old-`` sibling) either the old complete directory or the new complete one.
 Leftover temporaries are ignored by readers and removed by the next write.
 Only one writer per target at a time is supported.
+
+For crash tests only, :data:`_stage_hook` (``None`` in normal use) is called
+with the name of each stage the write reaches, so that a test can stop a
+writer at every stage in turn; see :func:`_stage`.
 """
 
 from __future__ import annotations
@@ -63,6 +67,44 @@ if sys.platform.startswith("linux"):  # pragma: no branch
 # Set to False (tests do) to force the rename-aside fallback.
 _USE_EXCHANGE = True
 
+# TEST HOOK, not an API: tests (tests/test_checkpoint_crash.py) set it to a
+# callable that a writer calls with the name of each stage it reaches; the
+# crash test's hook reports the stage to its parent and blocks until the parent
+# lets it go on or kills it there. None in normal use, when it costs a function
+# call per stage (a few per file) and formats nothing.
+_stage_hook: Callable[[str], None] | None = None
+
+
+def _stage(stage: str, name: str = "") -> None:
+    """Report ``stage`` (``"<stage>:<name>"`` when ``name`` is given) to
+    :data:`_stage_hook`. The stages, in order (those that do not apply are
+    skipped):
+
+    ``tmp-created``
+        the temporary directory exists, empty;
+    ``written:<file>``, ``fsynced:<file>``
+        each file's bytes are written, then fsynced and closed;
+    ``tmp-synced``
+        the temporary and the parent directory are fsynced: everything is
+        ready, next is the rename or the exchange;
+    ``renamed``
+        (no previous directory) the temporary is renamed into place;
+    ``exchanged``
+        (``renameat2`` path) the new and the old directories are swapped;
+    ``renamed-aside``, ``aside-synced``, ``renamed``
+        (fallback path) the old directory is renamed to ``.<name>.old-*``, the
+        parent fsynced, then the temporary renamed into place;
+    ``installed``
+        the parent directory is fsynced after the last rename;
+    ``removed-old:<file>``, ``old-removed``
+        the old directory's files are deleted one by one, then the directory;
+    ``done``
+        set-aside copies left by earlier writers are removed too.
+    """
+    hook = _stage_hook
+    if hook is not None:
+        hook(f"{stage}:{name}" if name else stage)
+
 
 def exchange_supported() -> bool:
     """True when ``renameat2(RENAME_EXCHANGE)`` is reachable through libc."""
@@ -102,9 +144,11 @@ def _write_file(path: Path, data: bytes) -> None:
         while view:
             written = os.write(fd, view)
             view = view[written:]
+        _stage("written", path.name)
         os.fsync(fd)
     finally:
         os.close(fd)
+    _stage("fsynced", path.name)
 
 
 def stale_siblings(target: Path, infix: str) -> list[Path]:
@@ -117,8 +161,18 @@ def stale_siblings(target: Path, infix: str) -> list[Path]:
     return [target.parent / n for n in sorted(names) if n.startswith(prefix)]
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path, stage: str | None = None) -> None:
+    """Delete ``path`` (a file, a link or a directory tree), ignoring errors.
+    With ``stage``, a directory's files are deleted one by one, each reported
+    as ``<stage>:<file>``, before the rest of the tree (as ``rmtree`` would)."""
     if path.is_dir() and not path.is_symlink():
+        if stage is not None:
+            with contextlib.suppress(OSError):
+                for entry in sorted(os.scandir(path), key=lambda e: e.name):
+                    if not entry.is_dir(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                        _stage(stage, entry.name)
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
@@ -137,23 +191,28 @@ def replace_directory(target: Path, files: Mapping[str, bytes]) -> None:
     tmp = parent / f".{target.name}{TMP_INFIX}{secrets.token_hex(8)}"
     os.mkdir(tmp)
     try:
+        _stage("tmp-created")
         for name, data in files.items():
             _write_file(tmp / name, data)
         _fsync_dir(tmp)
         _fsync_dir(parent)
+        _stage("tmp-synced")
         _install(tmp, target)
     except BaseException:
         _remove(tmp)
         raise
     for old in stale_siblings(target, OLD_INFIX):
         _remove(old)
+    _stage("done")
 
 
 def _install(tmp: Path, target: Path) -> None:
     parent = target.parent
     if not os.path.lexists(target):
         os.rename(tmp, target)
+        _stage("renamed")
         _fsync_dir(parent)
+        _stage("installed")
         return
     swapped = False
     if exchange_supported():
@@ -163,19 +222,27 @@ def _install(tmp: Path, target: Path) -> None:
         finally:
             os.close(parent_fd)
     if swapped:
+        _stage("exchanged")
         _fsync_dir(parent)
-        _remove(tmp)  # now the old checkpoint
+        _stage("installed")
+        _remove(tmp, "removed-old")  # now the old checkpoint
+        _stage("old-removed")
         return
     aside = parent / f".{target.name}{OLD_INFIX}{secrets.token_hex(8)}"
     os.rename(target, aside)
+    _stage("renamed-aside")
     _fsync_dir(parent)
+    _stage("aside-synced")
     try:
         os.rename(tmp, target)
     except OSError:
         os.rename(aside, target)  # put the old one back; the caller removes tmp
         raise
+    _stage("renamed")
     _fsync_dir(parent)
-    _remove(aside)
+    _stage("installed")
+    _remove(aside, "removed-old")
+    _stage("old-removed")
 
 
 def locate(target: Path) -> list[Path]:

@@ -3,8 +3,14 @@
 :meth:`Manifest.from_json_dict` is the single gate every manifest passes
 through, on read and (before anything is written) on write: the format
 version (CKPT-3), the JSON Schema (CKPT-2) and the rules the schema cannot
-express (integers written as integers, CKPT-2; file paths, CKPT-4; state
-invariants, CKPT-9).
+express (integers written as integers, CKPT-2; file paths, CKPT-4; the
+accumulation state and config, CKPT-9 and CKPT-10).
+
+The state and config rules are not restated here: :func:`check_state_and_config`
+runs the core's own parsers — :meth:`AccumulationState.from_state_dict`,
+:meth:`AccumulationConfig.from_dict` and the schedule's ``check_state``, the
+checks :meth:`AccumulationMachine.load_state_dict` makes — so a checkpoint that
+validates is one every adapter can load, and the invariants live in one place.
 """
 
 from __future__ import annotations
@@ -18,8 +24,14 @@ from types import MappingProxyType
 from typing import Any
 
 from gradaccum.checkpoint.schema import json_path, manifest_validator
-from gradaccum.errors import CheckpointCorruptError, CheckpointVersionError, UsageError
-from gradaccum.state import STATE_INT_FIELDS
+from gradaccum.config import AccumulationConfig
+from gradaccum.errors import (
+    CheckpointCorruptError,
+    CheckpointVersionError,
+    ConfigError,
+    UsageError,
+)
+from gradaccum.state import STATE_INT_FIELDS, AccumulationState
 
 __all__ = [
     "FORMAT_NAME",
@@ -34,6 +46,7 @@ __all__ = [
     "Manifest",
     "Producer",
     "TensorEntry",
+    "check_state_and_config",
     "is_role",
     "parse_manifest_bytes",
     "to_json_value",
@@ -164,8 +177,10 @@ class Manifest:
         version this release cannot read, and
         :class:`~gradaccum.errors.CheckpointCorruptError` for anything else
         (not an object, wrong ``format``, a schema violation — with the JSON
-        path of the value — a non-integral counter, a broken state invariant,
-        a file path that is not ``<role>.safetensors``).
+        path of the value — a state or config that
+        :meth:`AccumulationState.from_state_dict`,
+        :meth:`AccumulationConfig.from_dict` or the schedule's ``check_state``
+        refuses, a file path that is not ``<role>.safetensors``).
         """
         return validate_manifest_dict(data, "manifest")
 
@@ -304,21 +319,7 @@ def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
         )
     world_size = _require_int(data["world_size"], ("world_size",), where, fix)
     state = data["state"]
-    for key in STATE_KEYS:
-        if key not in ("synced_in_window", "schedule_state"):
-            _require_int(state[key], ("state", key), where, fix)
-    if state["position"] > state["window_size"]:
-        raise CheckpointCorruptError(
-            f"{where}: state.position is {state['position']} but state.window_size is "
-            f"{state['window_size']}; the microbatches completed in the open window cannot "
-            f"exceed its planned size; {fix}"
-        )
-    if state["contributing"] > state["position"]:
-        raise CheckpointCorruptError(
-            f"{where}: state.contributing is {state['contributing']} but state.position is "
-            f"{state['position']}; the contributing microbatches are a subset of those "
-            f"completed; {fix}"
-        )
+    check_state_and_config(state, data["config"], where, fix)
 
     files: dict[str, FileEntry] = {}
     for role in sorted(data["files"]):
@@ -363,6 +364,45 @@ def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
         files=MappingProxyType(files),
         metadata=_freeze(data["metadata"]),
     )
+
+
+def check_state_and_config(
+    state: Any, config: Any, where: str, fix: str = _FIX
+) -> tuple[AccumulationState, AccumulationConfig]:
+    """Parse a manifest's ``state`` and ``config`` exactly as a resuming
+    adapter does and return them; raise
+    :class:`~gradaccum.errors.CheckpointCorruptError` when an adapter would
+    refuse them (CKPT-9, CKPT-10).
+
+    The checks are the core's, not copies of them:
+    :meth:`AccumulationState.from_state_dict` (keys, types, counters >= 0 and
+    the invariants between them), :meth:`AccumulationConfig.from_dict`, and
+    ``config.schedule.check_state(state.schedule_state)``, as
+    :meth:`AccumulationMachine.load_state_dict` runs it. The core's message is
+    kept verbatim; the :class:`~gradaccum.errors.ConfigError` is chained.
+    """
+    try:
+        parsed = AccumulationState.from_state_dict(state)
+    except ConfigError as exc:
+        raise CheckpointCorruptError(f"{where}: $.state is invalid: {exc}; {fix}") from exc
+    try:
+        parsed_config = AccumulationConfig.from_dict(config)
+    except ConfigError as exc:
+        raise CheckpointCorruptError(f"{where}: $.config is invalid: {exc}; {fix}") from exc
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        # The config parser expects JSON shaped like to_dict() output; a
+        # malformed manifest must still be refused, never crash the reader.
+        raise CheckpointCorruptError(
+            f"{where}: $.config is invalid: it is malformed ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
+    try:
+        parsed_config.schedule.check_state(parsed.schedule_state)
+    except ConfigError as exc:
+        raise CheckpointCorruptError(
+            f"{where}: $.state.schedule_state is invalid for the config's "
+            f"{parsed_config.schedule.kind!r} schedule: {exc}; {fix}"
+        ) from exc
+    return parsed, parsed_config
 
 
 def _check_sha(value: str, path: tuple[str | int, ...], where: str, fix: str) -> str:

@@ -189,8 +189,9 @@ def write_checkpoint(
     ``files`` maps each role (``gradients``, ``gradients.rank1``,
     ``optimizer``, ...) to the bytes of a safetensors file. Every argument is
     validated first — roles, JSON values (string keys, finite floats; tuples
-    are stored as arrays), the state's schema and invariants, each file's
-    safetensors header — and a problem raises
+    are stored as arrays), the state's schema and invariants and the config
+    (as :func:`~gradaccum.checkpoint.format.check_state_and_config` parses
+    them for readers), each file's safetensors header — and a problem raises
     :class:`~gradaccum.errors.UsageError` with nothing written (CKPT-14).
     A path that is a file, a symbolic link, a non-empty directory that is not
     a checkpoint, or an existing checkpoint with ``overwrite=False`` raises
@@ -423,8 +424,11 @@ def _verify(handle: _Dir, label: str) -> tuple[Manifest, dict[str, bytes]]:
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read the checkpoint directory at ``path`` and verify all of it.
 
-    Before returning, the manifest is checked (format version, schema, state
-    invariants), the set of ``*.safetensors`` files is compared with the
+    Before returning, the manifest is checked (format version, schema, and
+    the state and config exactly as an adapter's ``load`` parses them:
+    :meth:`~gradaccum.state.AccumulationState.from_state_dict`,
+    :meth:`~gradaccum.config.AccumulationConfig.from_dict` and the schedule's
+    ``check_state``), the set of ``*.safetensors`` files is compared with the
     manifest's, and every file's size, SHA-256, safetensors header, tensor
     index and per-tensor SHA-256 are verified. Raises
     :class:`~gradaccum.errors.CheckpointVersionError` for an unsupported format
