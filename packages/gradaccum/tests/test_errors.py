@@ -40,7 +40,8 @@ def rejects(
 ) -> str:
     """Call, expect ``error`` naming ``names``, and check that the state did not change."""
     before = machine.state
-    before_json = machine.state_dict() if before.phase.value == "idle" else None
+    before_phase, before_current = machine.phase, machine.current
+    before_json = machine.state_dict() if before_phase.value == "idle" else None
     with pytest.raises(error) as info:
         call()
     assert isinstance(info.value, GradAccumError)
@@ -48,6 +49,7 @@ def rejects(
     if names is not None:
         assert names in message, message
     assert machine.state == before
+    assert (machine.phase, machine.current) == (before_phase, before_current)
     if before_json is not None:
         assert machine.state_dict() == before_json
     return message

@@ -23,8 +23,8 @@ from gradaccum import (
     WindowDecision,
 )
 from gradaccum.state import (
+    abandon_window,
     begin_microbatch,
-    cancel_microbatch,
     commit,
     end_microbatch,
     end_pass,
@@ -43,20 +43,26 @@ def run_window(machine: AccumulationMachine, n: int, items: int | None = None) -
 
 
 def test_pure_transitions_do_not_mutate() -> None:
-    """ACC-B1 (contract): transitions are pure: they return new states and leave the input as is."""
+    """ACC-B1 (contract): transitions are pure: they return new states and leave the input as
+    is; beginning a microbatch changes no state (a forgotten microbatch leaves no trace)."""
     config = AccumulationConfig(2)
     s0 = AccumulationState.initial(config)
     s1, d = begin_microbatch(config, s0)
+    assert s1 is s0
     assert s0 == AccumulationState.initial(config)
-    assert s1.phase is Phase.MICROBATCH
     assert d.index == 0
-    s2, w = end_microbatch(config, s1)
+    assert d.window_size == 2
+    s2, w = end_microbatch(config, s1, d)
     assert w is None
-    assert s1.phase is Phase.MICROBATCH
-    s3, _ = begin_microbatch(config, s2)
-    s4, w = end_microbatch(config, s3)
+    assert (s2.position, s2.window_size, s2.micro_steps) == (1, 2, 1)
+    assert s0 == AccumulationState.initial(config)
+    s3, d3 = begin_microbatch(config, s2)
+    assert s3 is s2
+    s4, w = end_microbatch(config, s3, d3)
     assert w is not None
     assert s4.phase is Phase.BOUNDARY
+    assert s2.phase is Phase.IDLE
+    assert s2.position == 1
     s5, verdict = commit(config, s4)
     assert s4.phase is Phase.BOUNDARY
     assert verdict.step_optimizer
@@ -65,6 +71,36 @@ def test_pure_transitions_do_not_mutate() -> None:
     assert p.action == "none"
     assert s6.epoch == 1
     assert s5.epoch == 0
+
+
+def test_end_microbatch_refuses_a_decision_of_another_position() -> None:
+    """ACC-E2: handing end_microbatch a stale decision raises UsageError and changes nothing."""
+    config = AccumulationConfig(3)
+    s0 = AccumulationState.initial(config)
+    _, d0 = begin_microbatch(config, s0)
+    s1, _ = end_microbatch(config, s0, d0)
+    with pytest.raises(UsageError, match="position 0"):
+        end_microbatch(config, s1, d0)
+    assert s1.position == 1
+
+
+def test_abandon_at_boundary_drops_the_window_uncommitted() -> None:
+    """ACC-C1, ACC-C3: a boundary that fails before commit is abandoned: the window is counted
+    in dropped_windows, not in windows/optimizer_steps/skipped_steps; a pass it closed ends."""
+    config = AccumulationConfig(4)
+    machine = AccumulationMachine(config)
+    machine.begin()
+    machine.end()
+    machine.end_pass()  # closes the partial window: boundary pending, epoch pending
+    assert machine.state.phase is Phase.BOUNDARY
+    machine.abandon()
+    state = machine.state
+    assert state.phase is Phase.IDLE
+    assert (state.epoch, state.position, state.window_size) == (1, 0, 0)
+    assert (state.windows, state.optimizer_steps, state.skipped_steps) == (0, 0, 0)
+    assert state.dropped_windows == 1
+    assert state.micro_steps == 1
+    assert abandon_window(state) is state  # nothing open: nothing to abandon
 
 
 def test_full_window_mean_is_fast_path() -> None:
@@ -475,14 +511,25 @@ def test_pure_functions_report_usage_errors() -> None:
     """ACC-E1, ACC-E2: out-of-order transitions raise UsageError (a GradAccumError)."""
     config = AccumulationConfig(1)
     s0 = AccumulationState.initial(config)
-    with pytest.raises(GradAccumError):
-        end_microbatch(config, s0)
     with pytest.raises(UsageError):
         commit(config, s0)
-    s1, _ = begin_microbatch(config, s0)
+    _, d = begin_microbatch(config, s0)
+    s1, window = end_microbatch(config, s0, d)
+    assert window is not None
+    with pytest.raises(GradAccumError):
+        end_microbatch(config, s1, d)  # a boundary awaits commit
     with pytest.raises(UsageError):
         end_pass(config, s1)
-    assert cancel_microbatch(s0) is s0
+    with pytest.raises(UsageError):
+        begin_microbatch(config, s1)
+    machine = AccumulationMachine(config)
+    with pytest.raises(UsageError):
+        machine.end()
+    machine.begin()
+    with pytest.raises(UsageError):
+        machine.end_pass()
+    with pytest.raises(UsageError):
+        machine.state_dict()
 
 
 # Distributed consistency: decisions must not depend on rank-local values (ACC-D2).

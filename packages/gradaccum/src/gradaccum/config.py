@@ -74,6 +74,17 @@ class AccumulationConfig:
     accumulation_dtype: AccumulationDType = "param"
     offload: bool = False
     micro_batch_size: int | None = None
+    microbatch_clip: ClipPolicy | None = field(init=False, repr=False, compare=False)
+    """The clip applied to each microbatch's own gradient (``clip`` when it
+    is ``per_microbatch``, else ``None``)."""
+    isolates_microbatches: bool = field(init=False, repr=False, compare=False)
+    """True when each microbatch's gradient must be computed on its own
+    before it joins the window (per-microbatch clipping or the
+    ``drop_microbatch`` policy)."""
+    accumulates_outside_grad: bool = field(init=False, repr=False, compare=False)
+    """True when the window's gradient is kept outside ``param.grad``
+    (float32 buffers, CPU offload, or isolated microbatches), where a
+    backward's own communication cannot reduce it."""
 
     def __init__(
         self,
@@ -137,22 +148,16 @@ class AccumulationConfig:
             ("micro_batch_size", micro_batch_size),
         ):
             object.__setattr__(self, name, value)
-
-    @property
-    def isolates_microbatches(self) -> bool:
-        """True when each microbatch's gradient must be computed on its own
-        before it joins the window (per-microbatch clipping or the
-        ``drop_microbatch`` policy)."""
-        return self.non_finite == "drop_microbatch" or (
-            self.clip is not None and self.clip.per_microbatch
+        # Derived once: the state machine reads these on every microbatch.
+        per_microbatch = clip if clip is not None and clip.per_microbatch else None
+        isolates = non_finite == "drop_microbatch" or per_microbatch is not None
+        object.__setattr__(self, "microbatch_clip", per_microbatch)
+        object.__setattr__(self, "isolates_microbatches", isolates)
+        object.__setattr__(
+            self,
+            "accumulates_outside_grad",
+            accumulation_dtype == "float32" or offload or isolates,
         )
-
-    @property
-    def accumulates_outside_grad(self) -> bool:
-        """True when the window's gradient is kept outside ``param.grad``
-        (float32 buffers, CPU offload, or isolated microbatches), where a
-        backward's own communication cannot reduce it."""
-        return self.accumulation_dtype == "float32" or self.offload or self.isolates_microbatches
 
     def replace(self, **changes: Any) -> AccumulationConfig:
         """A copy with ``changes`` applied and validated."""

@@ -1,8 +1,8 @@
 """The stateful driver adapters hold: one object, pure transitions inside.
 
-:class:`AccumulationMachine` keeps the current :class:`AccumulationState`,
-runs the pure transitions of :mod:`gradaccum.state`, and tells listeners
-what happened. Adapters call it in this order for every microbatch::
+`AccumulationMachine` keeps the current `AccumulationState`, runs the pure
+transitions of `gradaccum.state`, and tells listeners what happened.
+Adapters call it in this order for every microbatch::
 
     decision = machine.begin(items=...)       # scale the loss, enter no-sync
     ... forward, backward ...
@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any, SupportsFloat
 
 from gradaccum.config import AccumulationConfig
-from gradaccum.errors import ConfigError
+from gradaccum.errors import ConfigError, UsageError
 from gradaccum.schedules import AdaptiveMicrobatch, TargetBatch
 from gradaccum.state import (
     SINGLE_PROCESS,
@@ -27,18 +27,26 @@ from gradaccum.state import (
     CommitDecision,
     MicrobatchDecision,
     PassDecision,
+    Phase,
     Topology,
     WindowDecision,
     abandon_window,
     begin_microbatch,
-    cancel_microbatch,
+    check_items,
     commit,
     end_microbatch,
     end_pass,
 )
-from gradaccum.stats import AccumulationListener, AccumulationStats
+from gradaccum.stats import AccumulationCallback, AccumulationListener, AccumulationStats
 
 __all__ = ["AccumulationMachine"]
+
+
+def _wants_microbatch_events(listener: AccumulationListener) -> bool:
+    """False for a listener whose ``on_microbatch`` is `AccumulationCallback`'s
+    no-op: no stats snapshot is built per microbatch for it."""
+    method = getattr(type(listener), "on_microbatch", None)
+    return method is not None and method is not AccumulationCallback.on_microbatch
 
 
 class AccumulationMachine:
@@ -48,9 +56,25 @@ class AccumulationMachine:
     Decisions depend only on the config, the state and the arguments, so
     ranks that see the same sequence of calls take the same decisions
     without communicating.
+
+    The open microbatch (between `begin` and `end`) is held here, not in
+    the state: `state` is always idle or at a boundary, and `phase` says
+    `Phase.MICROBATCH` while a microbatch is open.
     """
 
-    __slots__ = ("_config", "_grad_norm", "_listeners", "_state", "_topology")
+    __slots__ = (
+        "_before",
+        "_config",
+        "_grad_norm",
+        "_listeners",
+        "_microbatch_listeners",
+        "_open",
+        "_open_device_items",
+        "_open_items",
+        "_ranks_in_step",
+        "_state",
+        "_topology",
+    )
 
     def __init__(
         self,
@@ -61,6 +85,8 @@ class AccumulationMachine:
     ) -> None:
         if not isinstance(config, AccumulationConfig):
             raise ConfigError(f"config={config!r} must be an AccumulationConfig")
+        if not isinstance(topology, Topology):
+            raise ConfigError(f"topology={topology!r} must be a gradaccum Topology")
         world = topology.world_size
         if world > 1 and config.non_finite == "drop_microbatch":
             raise ConfigError(
@@ -74,10 +100,19 @@ class AccumulationMachine:
                 f"TargetBatch(world_size={schedule.world_size}) but the run has {world} ranks; "
                 f"build it with world_size={world} so the effective batch stays {schedule.target}"
             )
+        listeners = list(listeners)
+        for listener in listeners:
+            _check_listener(listener)
         self._config = config
         self._topology = topology
         self._state = AccumulationState.initial(config)
-        self._listeners: list[AccumulationListener] = list(listeners)
+        self._before = self._state
+        self._open: MicrobatchDecision | None = None
+        self._open_items = 0
+        self._open_device_items = False
+        self._ranks_in_step = False
+        self._listeners: list[AccumulationListener] = listeners
+        self._microbatch_listeners = [x for x in listeners if _wants_microbatch_events(x)]
         self._grad_norm: SupportsFloat | None = None
 
     @property
@@ -92,16 +127,46 @@ class AccumulationMachine:
 
     @property
     def state(self) -> AccumulationState:
-        """The current state (immutable snapshot)."""
+        """The current state (immutable snapshot), never in `Phase.MICROBATCH`."""
         return self._state
+
+    @property
+    def phase(self) -> Phase:
+        """`Phase.MICROBATCH` between `begin` and `end`, else the state's phase."""
+        return Phase.MICROBATCH if self._open is not None else self._state.phase
+
+    @property
+    def current(self) -> MicrobatchDecision | None:
+        """The decision of the open microbatch, or ``None`` between microbatches."""
+        return self._open
+
+    @property
+    def current_items(self) -> int:
+        """The open microbatch's host item count (0 when none is open)."""
+        return self._open_items
+
+    @property
+    def is_accumulating(self) -> bool:
+        """True while a window is open (a microbatch ran or runs since the last boundary)."""
+        return self._open is not None or self._state.position > 0
+
+    def set_ranks_in_step(self) -> None:
+        """Record that the ranks agreed on the current pass's length and their
+        position at its start (`gradaccum.lockstep.pass_row`, one collective
+        the adapter made): until `end_pass`, boundaries need not compare the
+        ranks (``WindowDecision.check_ranks`` is false)."""
+        self._ranks_in_step = True
 
     def add_listener(self, listener: AccumulationListener) -> None:
         """Register a listener for microbatch, step, skip and epoch events."""
+        _check_listener(listener)
         self._listeners.append(listener)
+        if _wants_microbatch_events(listener):
+            self._microbatch_listeners.append(listener)
 
     @property
     def stats(self) -> AccumulationStats:
-        """A snapshot of the counters; see :class:`AccumulationStats`."""
+        """A snapshot of the counters; see `AccumulationStats`."""
         state = self._state
         micro = self._config.micro_batch_size
         window = state.window_size or self._config.schedule.steps(
@@ -118,7 +183,7 @@ class AccumulationMachine:
             items_in_window=state.items_in_window,
             items_total=state.items_total,
             epoch=state.epoch,
-            is_accumulating=state.is_accumulating,
+            is_accumulating=self.is_accumulating,
             effective_batch_size=(
                 None if micro is None else micro * window * self._topology.world_size
             ),
@@ -134,30 +199,59 @@ class AccumulationMachine:
         last_in_pass: bool = False,
         remaining_in_pass: int | None = None,
     ) -> MicrobatchDecision:
-        """Open a microbatch; see :func:`gradaccum.state.begin_microbatch`."""
+        """Open a microbatch; see `gradaccum.state.begin_microbatch` and
+        `gradaccum.state.check_items`. Raises `UsageError` while a microbatch
+        is open or a window awaits `commit`, `ItemCountError` for a bad count."""
+        if self._open is not None:
+            raise UsageError(
+                "a microbatch is already open: call backward() for it before starting another"
+            )
+        count = check_items(self._config, items, items_on_device)
+        before = self._state
         self._state, decision = begin_microbatch(
             self._config,
-            self._state,
-            items=items,
-            items_on_device=items_on_device,
+            before,
             last_in_pass=last_in_pass,
             remaining_in_pass=remaining_in_pass,
             topology=self._topology,
         )
+        self._before = before
+        self._open = decision
+        self._open_items = count
+        self._open_device_items = items_on_device
         return decision
 
     def cancel(self) -> None:
-        """Forget the open microbatch (an exception before its backward)."""
-        self._state = cancel_microbatch(self._state)
+        """Forget the open microbatch, as if it never began (an exception
+        before its backward changed any gradient). Nothing if none is open."""
+        if self._open is None:
+            return
+        self._state = self._before
+        self._open = None
+        self._open_items = 0
+        self._open_device_items = False
 
     def end(self, *, dropped: bool = False) -> WindowDecision | None:
-        """Close the open microbatch; see :func:`gradaccum.state.end_microbatch`."""
+        """Close the open microbatch; see `gradaccum.state.end_microbatch`."""
+        decision = self._open
+        if decision is None:
+            raise UsageError("backward() was called outside a microbatch; open one first")
         self._state, window = end_microbatch(
-            self._config, self._state, dropped=dropped, topology=self._topology
+            self._config,
+            self._state,
+            decision,
+            items=self._open_items,
+            items_on_device=self._open_device_items,
+            dropped=dropped,
+            topology=self._topology,
+            ranks_in_step=self._ranks_in_step,
         )
-        if self._listeners:
+        self._open = None
+        self._open_items = 0
+        self._open_device_items = False
+        if self._microbatch_listeners:
             stats = self.stats
-            for listener in self._listeners:
+            for listener in self._microbatch_listeners:
                 listener.on_microbatch(stats)
         return window
 
@@ -169,10 +263,10 @@ class AccumulationMachine:
         world_items: int | None = None,
         grad_norm: SupportsFloat | None = None,
     ) -> CommitDecision:
-        """Decide step or skip for the closed window; see :func:`gradaccum.state.commit`.
+        """Decide step or skip for the closed window; see `gradaccum.state.commit`.
 
         ``grad_norm`` (a float or a 0-d device tensor) is the window's
-        pre-clip gradient norm, kept for :attr:`stats` without reading it.
+        pre-clip gradient norm, kept for `stats` without reading it.
         """
         ending_epoch = self._state.epoch_end_pending
         self._state, verdict = commit(
@@ -196,18 +290,37 @@ class AccumulationMachine:
         return verdict
 
     def end_pass(self) -> PassDecision:
-        """End a pass; see :func:`gradaccum.state.end_pass`. With the ``step``
+        """End a pass; see `gradaccum.state.end_pass`. With the ``step``
         policy and an open window, apply the returned window decision and
-        call :meth:`commit`, which then reports the epoch's end."""
-        self._state, decision = end_pass(self._config, self._state, topology=self._topology)
+        call `commit`, which then reports the epoch's end."""
+        if self._open is not None:
+            raise UsageError(
+                "the pass cannot end during phase 'microbatch'; finish the microbatch "
+                "(backward) first"
+            )
+        self._state, decision = end_pass(
+            self._config, self._state, topology=self._topology, ranks_in_step=self._ranks_in_step
+        )
+        self._ranks_in_step = False
         if decision.action != "close" and self._listeners:
             stats = self.stats
             for listener in self._listeners:
                 listener.on_epoch_end(stats)
         return decision
 
+    def abandon(self) -> None:
+        """Drop the open window without a step (see
+        `gradaccum.state.abandon_window`): between microbatches, or at a
+        boundary whose work failed before `commit`. The adapter discards the
+        window's gradient. Counted in ``dropped_windows``."""
+        if self._open is not None:
+            raise UsageError(
+                "a window cannot be abandoned while a microbatch is open; cancel() it first"
+            )
+        self._state = abandon_window(self._state)
+
     def report_oom(self) -> int:
-        """Record an out-of-memory error under :class:`AdaptiveMicrobatch`
+        """Record an out-of-memory error under `AdaptiveMicrobatch`
         and return the new (halved) microbatch size.
 
         Call it between microbatches (cancel the failed one first). A window
@@ -221,16 +334,40 @@ class AccumulationMachine:
                 f"report_oom() needs the AdaptiveMicrobatch schedule; the schedule is "
                 f"{schedule.kind!r}"
             )
+        if self._open is not None or self._state.phase is not Phase.IDLE:
+            raise UsageError(
+                "report_oom() is called between microbatches: cancel() the failed microbatch first"
+            )
         new_schedule_state = schedule.after_oom(self._state.schedule_state)
         self._state = replace(abandon_window(self._state), schedule_state=new_schedule_state)
         return schedule.current(new_schedule_state)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON state for checkpoints; only between microbatches."""
+        if self._open is not None:
+            raise UsageError(
+                "cannot save the accumulation state during phase 'microbatch'; save between "
+                "microbatches (after backward() returns)"
+            )
         return self._state.state_dict()
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; validated before anything changes."""
+        """Restore `state_dict` output; validated before anything changes.
+        Only between microbatches."""
         state = AccumulationState.from_state_dict(data)
         self._config.schedule.check_state(state.schedule_state)
+        if self._open is not None or self._state.phase is not Phase.IDLE:
+            raise UsageError(
+                f"cannot load a state during phase {self.phase.value!r}; load between microbatches"
+            )
         self._state = state
+        self._before = state
+        self._ranks_in_step = False
+
+
+def _check_listener(listener: object) -> None:
+    if not isinstance(listener, AccumulationListener):
+        raise ConfigError(
+            f"listener {listener!r} is not an AccumulationListener: give it on_microbatch, "
+            f"on_step, on_skip and on_epoch_end, or subclass gradaccum.AccumulationCallback"
+        )

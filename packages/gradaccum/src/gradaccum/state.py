@@ -9,14 +9,18 @@ never re-derive them. The life of one window::
     begin_microbatch -> end_microbatch      (position k-1: boundary, returns a WindowDecision)
     commit                                  (step or skip; returns a CommitDecision)
 
-and at the end of a pass, :func:`end_pass` applies the partial-window policy.
+and at the end of a pass, `end_pass` applies the partial-window policy.
+
+A microbatch in flight is not part of the state: `begin_microbatch` returns
+the state unchanged except when it opens a window, and the caller hands the
+`MicrobatchDecision` back to `end_microbatch`. A microbatch that fails before
+its backward is forgotten by keeping the state from before it began.
 Spec references (``ACC-…``) point into ``spec/accumulation.md``.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -40,7 +44,7 @@ __all__ = [
     "WindowDecision",
     "abandon_window",
     "begin_microbatch",
-    "cancel_microbatch",
+    "check_items",
     "commit",
     "end_microbatch",
     "end_pass",
@@ -57,7 +61,8 @@ class Phase(enum.Enum):
     IDLE = "idle"
     """Between microbatches: the only phase in which a state can be saved."""
     MICROBATCH = "microbatch"
-    """A microbatch has begun; its backward has not finished."""
+    """A microbatch has begun; its backward has not finished. Only a driver
+    (`AccumulationMachine.phase`) is in this phase: the pure state never is."""
     BOUNDARY = "boundary"
     """The window has closed; the step has not been committed."""
 
@@ -69,12 +74,19 @@ class Topology:
 
     world_size: int = 1
     averages: bool = True
+    check_windows: bool = True
+    """On several ranks, compare the ranks' positions at every boundary
+    (`WindowDecision.check_ranks`, ACC-D5). Off only when the adapter
+    guarantees lockstep another way and accepts a hang otherwise."""
 
     def __post_init__(self) -> None:
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
             raise ConfigError(f"world_size={self.world_size!r} must be an int >= 1")
         if self.world_size < 1:
             raise ConfigError(f"world_size={self.world_size!r} must be >= 1")
+        for name in ("averages", "check_windows"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
 
 
 SINGLE_PROCESS = Topology()
@@ -118,10 +130,16 @@ class WindowDecision:
     ``grad_multiplier``; divide by the window's item count over all ranks if
     ``divide_by_world_items``; unscale (AMP); check for non-finite values;
     clip with ``clip``; apply the gradient weights if ``apply_weights``; then
-    ask :func:`commit` whether to step.
+    ask `commit` whether to step.
 
     ``grad_multiplier == 1.0`` and ``divide_by_world_items == False`` means
     the gradient is already exact and needs no pass over it.
+
+    ``check_ranks``: on several ranks, compare every rank's
+    `gradaccum.lockstep.window_row` in the boundary's one exchange
+    (ACC-D5), so ranks that drifted apart raise `DistributedError` instead
+    of stepping. ``ends_pass``: the window closes its pass (its last
+    microbatch was the pass's last, or `end_pass` closed it).
     """
 
     window_size: int
@@ -134,6 +152,8 @@ class WindowDecision:
     apply_weights: bool
     empty: bool
     partial: bool
+    check_ranks: bool = False
+    ends_pass: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +186,16 @@ class PassDecision:
     apply ``window`` as at a boundary, then :func:`commit`), ``"discard"``
     (policy ``drop``: zero the gradients) or ``"carry"`` (keep them; the
     window continues in the next pass).
+    ``check_ranks``: on several ranks whose pass length was not agreed
+    beforehand, the ranks compare `gradaccum.lockstep.pass_end_row` once
+    (ACC-D5): a pass ended without a boundary (``drop``, ``carry``, or no
+    look-ahead) is otherwise never compared. A ``"close"`` window carries
+    its own check (`WindowDecision.check_ranks`).
     """
 
     action: Literal["none", "close", "discard", "carry"]
     window: WindowDecision | None = None
+    check_ranks: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,11 +214,16 @@ class AccumulationState:
         skipped_steps: closed windows that did not step.
         windows: closed windows (stepped + skipped).
         dropped_microbatches: microbatches left out by ``drop_microbatch``.
-        dropped_windows: partial windows discarded by the ``drop`` policy.
+        dropped_windows: windows discarded before their step: partial
+            windows under the ``drop`` policy, and windows abandoned by
+            `abandon_window` (an out-of-memory replay, a failed boundary).
         synced_in_window: a backward of the open window communicated.
         device_items: some item count of the open window lives on the device.
         schedule_state: the schedule's JSON state (adaptive schedules).
-        phase: see :class:`Phase`; not saved (states are saved only when idle).
+        phase: `Phase.IDLE` or `Phase.BOUNDARY`; not saved (states are
+            saved only when idle).
+        pending: the closed window awaiting `commit`.
+        epoch_end_pending: the pending window was closed by `end_pass`.
     """
 
     epoch: int = 0
@@ -211,9 +242,6 @@ class AccumulationState:
     device_items: bool = False
     schedule_state: Mapping[str, Any] = field(default_factory=dict)
     phase: Phase = Phase.IDLE
-    current: MicrobatchDecision | None = None
-    current_items: int = 0
-    current_device_items: bool = False
     pending: WindowDecision | None = None
     epoch_end_pending: bool = False
 
@@ -225,7 +253,7 @@ class AccumulationState:
     @property
     def is_accumulating(self) -> bool:
         """True while a window is open (some microbatch ran since the last boundary)."""
-        return self.position > 0 or self.phase is Phase.MICROBATCH
+        return self.position > 0
 
     def state_dict(self) -> dict[str, Any]:
         """The JSON form saved in checkpoints (``state`` in the manifest).
@@ -319,18 +347,24 @@ class AccumulationState:
         return cls(schedule_state=dict(data["schedule_state"]), **values)
 
 
-def _evolve(state: AccumulationState, **changes: Any) -> AccumulationState:
+_new_state = object.__new__
+_set_dict = object.__setattr__
+
+
+def _evolve(state: AccumulationState, changes: dict[str, Any]) -> AccumulationState:
     """``dataclasses.replace`` without re-running ``__init__``: a copy of the
     frozen state's fields with ``changes`` applied (about 0.5 µs instead of 5;
-    this runs on every microbatch)."""
-    new = object.__new__(AccumulationState)
-    fields = new.__dict__
-    fields.update(state.__dict__)
+    this runs once per microbatch)."""
+    new = _new_state(AccumulationState)
+    fields = state.__dict__.copy()
     fields.update(changes)
+    _set_dict(new, "__dict__", fields)
     return new
 
 
-@functools.lru_cache(maxsize=4096)
+_DECISIONS: dict[tuple[Any, ...], MicrobatchDecision] = {}
+
+
 def _microbatch_decision(
     index: int,
     window_size: int,
@@ -342,16 +376,31 @@ def _microbatch_decision(
     ends_pass: bool,
 ) -> MicrobatchDecision:
     # Decisions are immutable and repeat every window: build each one once.
-    return MicrobatchDecision(
-        index=index,
-        window_size=window_size,
-        is_boundary=is_boundary,
-        sync_gradients=sync_gradients,
-        loss_multiplier=loss_multiplier,
-        isolate=isolate,
-        clip=clip,
-        ends_pass=ends_pass,
+    key = (
+        index,
+        window_size,
+        is_boundary,
+        sync_gradients,
+        loss_multiplier,
+        isolate,
+        clip,
+        ends_pass,
     )
+    decision = _DECISIONS.get(key)
+    if decision is None:
+        if len(_DECISIONS) >= 4096:
+            _DECISIONS.clear()
+        decision = _DECISIONS[key] = MicrobatchDecision(
+            index=index,
+            window_size=window_size,
+            is_boundary=is_boundary,
+            sync_gradients=sync_gradients,
+            loss_multiplier=loss_multiplier,
+            isolate=isolate,
+            clip=clip,
+            ends_pass=ends_pass,
+        )
+    return decision
 
 
 STATE_INT_FIELDS: tuple[str, ...] = (
@@ -370,12 +419,26 @@ STATE_INT_FIELDS: tuple[str, ...] = (
 )
 
 
-def _check_items(config: AccumulationConfig, items: object, items_on_device: bool) -> int:
+def check_items(config: AccumulationConfig, items: object, items_on_device: bool) -> int:
+    """Validate a microbatch's item count and return the host part of it.
+
+    ``items`` is the rank's host count (an int ``>= 0``), or ``None``;
+    ``items_on_device`` says the count is a device tensor the adapter keeps
+    and checks itself at the boundary (ACC-N3). Raises `ItemCountError`
+    (ACC-E4) for a missing count under ``items``, a negative, non-int or
+    bool count, or a device count outside ``items``.
+    """
     if items_on_device:
         if config.normalization != "items":
             raise ItemCountError(
-                f"items_on_device=True only applies to normalization='items'; "
-                f"the normalization is {config.normalization!r}"
+                f"an item count held in a tensor only applies to normalization='items'; "
+                f"the normalization is {config.normalization!r}: drop items= or use "
+                f"normalization='items'"
+            )
+        if items is not None:
+            raise ItemCountError(
+                f"items={items!r} was given together with items_on_device=True; pass the "
+                f"host count or the device count, not both"
             )
         return 0
     if items is None:
@@ -400,8 +463,6 @@ def begin_microbatch(
     config: AccumulationConfig,
     state: AccumulationState,
     *,
-    items: int | None = None,
-    items_on_device: bool = False,
     last_in_pass: bool = False,
     remaining_in_pass: int | None = None,
     topology: Topology = SINGLE_PROCESS,
@@ -409,9 +470,6 @@ def begin_microbatch(
     """Open a microbatch and decide how to run it.
 
     Args:
-        items: this rank's item count for the microbatch; required under
-            ``items`` normalization unless ``items_on_device``.
-        items_on_device: the count is a device tensor the adapter sums itself.
         last_in_pass: this microbatch is the last of the pass (known from a
             one-ahead look at the data, never from prefetching a window).
         remaining_in_pass: microbatches left in the pass, this one included,
@@ -420,16 +478,16 @@ def begin_microbatch(
 
     A window opens on its first microbatch; its size comes from the
     schedule, truncated to ``remaining_in_pass`` under the ``step`` policy.
-    Raises :class:`UsageError` if a microbatch or a boundary is pending and
-    :class:`ItemCountError` for a bad count, before any state changes.
+    The returned state is ``state`` itself (a window's size enters the
+    state when its first microbatch ends); hand the decision to
+    `end_microbatch` after the backward, or drop it to forget the
+    microbatch. Validate the item
+    count first with `check_items`. Raises `UsageError` if a window awaits
+    `commit` or ``remaining_in_pass`` is not an int ``>= 1``, before
+    anything changes.
     """
     if state.phase is not Phase.IDLE:
-        if state.phase is Phase.MICROBATCH:
-            raise UsageError(
-                "a microbatch is already open: call backward() for it before starting another"
-            )
         raise UsageError("the window has closed but its step was not committed; call commit()")
-    count = _check_items(config, items, items_on_device)
     if remaining_in_pass is not None and (
         isinstance(remaining_in_pass, bool)
         or not isinstance(remaining_in_pass, int)
@@ -438,16 +496,17 @@ def begin_microbatch(
         raise UsageError(
             f"remaining_in_pass={remaining_in_pass!r} must count this microbatch too (>= 1)"
         )
-    if state.position == 0:
+    index = state.position
+    if index == 0:
+        # The window's size is recorded in the state by end_microbatch: a
+        # microbatch that is forgotten before its backward leaves no trace.
         window_size = config.schedule.steps(state.epoch, state.windows, state.schedule_state)
         if remaining_in_pass is not None and config.partial_window == "step":
             window_size = min(window_size, remaining_in_pass)
     else:
         window_size = state.window_size
-    index = state.position
     ends_pass = last_in_pass or remaining_in_pass == 1
     is_boundary = index + 1 >= window_size or (ends_pass and config.partial_window == "step")
-    clip = config.clip if config.clip is not None and config.clip.per_microbatch else None
     # On several ranks a gradient kept outside param.grad cannot be reduced by a
     # backward's own communication: no microbatch syncs, and the window closes with
     # one manual reduction of the accumulated gradient (needs_manual_sync, ACC-D1).
@@ -459,22 +518,20 @@ def begin_microbatch(
         is_boundary and not deferred,
         1.0 / window_size if config.normalization == "mean" else 1.0,
         config.isolates_microbatches,
-        clip,
+        config.microbatch_clip,
         ends_pass,
     )
-    new_state = _evolve(
-        state,
-        window_size=window_size,
-        phase=Phase.MICROBATCH,
-        current=decision,
-        current_items=count,
-        current_device_items=items_on_device,
-    )
-    return new_state, decision
+    return state, decision
 
 
 def _window_decision(
-    config: AccumulationConfig, state: AccumulationState, topology: Topology, *, partial: bool
+    config: AccumulationConfig,
+    state: AccumulationState,
+    topology: Topology,
+    *,
+    partial: bool,
+    ranks_in_step: bool,
+    ends_pass: bool,
 ) -> WindowDecision:
     contributing = state.contributing
     world = topology.world_size
@@ -495,62 +552,99 @@ def _window_decision(
             empty = True
         else:
             grad_multiplier = 1.0 / state.items_in_window
-    return WindowDecision(
-        window_size=state.window_size,
-        contributing=contributing,
-        items=state.items_in_window,
-        grad_multiplier=grad_multiplier,
-        divide_by_world_items=divide_by_world_items,
-        needs_manual_sync=world > 1 and not state.synced_in_window,
-        clip=None if config.clip is None or config.clip.per_microbatch else config.clip,
-        apply_weights=not config.weights.is_identity,
-        empty=empty,
-        partial=partial,
+    key = (
+        state.window_size,
+        contributing,
+        state.items_in_window,
+        grad_multiplier,
+        divide_by_world_items,
+        world > 1 and not state.synced_in_window,
+        None if config.clip is None or config.clip.per_microbatch else config.clip,
+        not config.weights.is_identity,
+        empty,
+        partial,
+        world > 1 and topology.check_windows and not ranks_in_step,
+        ends_pass,
     )
+    # Windows repeat: build each decision once (a frozen dataclass costs ~1 µs to build).
+    decision = _WINDOWS.get(key)
+    if decision is None:
+        if len(_WINDOWS) >= 4096:
+            _WINDOWS.clear()
+        decision = _WINDOWS[key] = WindowDecision(*key)
+    return decision
+
+
+_WINDOWS: dict[tuple[Any, ...], WindowDecision] = {}
 
 
 def end_microbatch(
     config: AccumulationConfig,
     state: AccumulationState,
+    decision: MicrobatchDecision,
     *,
+    items: int = 0,
+    items_on_device: bool = False,
     dropped: bool = False,
     topology: Topology = SINGLE_PROCESS,
+    ranks_in_step: bool = False,
 ) -> tuple[AccumulationState, WindowDecision | None]:
-    """Record that the open microbatch's backward finished.
+    """Record that the microbatch ``decision`` was made for finished its backward.
 
-    ``dropped=True`` (``drop_microbatch`` policy) records that its gradient
-    was non-finite and left out: it still takes its slot in the window but
-    neither its gradient nor its items count. Returns the
-    :class:`WindowDecision` when this microbatch closes its window.
+    ``items`` is its host item count (from `check_items`),
+    ``items_on_device`` says it also has a device count. ``dropped=True``
+    (``drop_microbatch`` policy) records that its gradient was non-finite
+    and left out: it still takes its slot in the window but neither its
+    gradient nor its items count. Returns the `WindowDecision` when this
+    microbatch closes its window (the state is then in `Phase.BOUNDARY`
+    until `commit`). ``ranks_in_step``: on several ranks, the ranks already
+    agreed on this pass's length and their position at its start
+    (`gradaccum.lockstep.pass_row`), so the boundary need not compare
+    them again (``WindowDecision.check_ranks`` false, ACC-D5).
     """
-    if state.phase is not Phase.MICROBATCH or state.current is None:
-        raise UsageError("backward() was called outside a microbatch; open one first")
+    if state.phase is not Phase.IDLE or decision.index != state.position:
+        raise UsageError(
+            f"end_microbatch() for the microbatch at window position {decision.index}, but the "
+            f"state is at position {state.position} in phase {state.phase.value!r}; call it "
+            f"once per begin_microbatch(), with the state begin_microbatch() returned"
+        )
     if dropped and config.non_finite != "drop_microbatch":
         raise UsageError(
             f"a microbatch can be dropped only under non_finite='drop_microbatch'; "
             f"the policy is {config.non_finite!r}"
         )
-    current = state.current
     keep = not dropped
-    after = _evolve(
-        state,
-        position=state.position + 1,
-        micro_steps=state.micro_steps + 1,
-        contributing=state.contributing + keep,
-        items_in_window=state.items_in_window + (state.current_items if keep else 0),
-        dropped_microbatches=state.dropped_microbatches + dropped,
-        synced_in_window=state.synced_in_window or current.sync_gradients,
-        device_items=state.device_items or (keep and state.current_device_items),
-        phase=Phase.IDLE,
-        current=None,
-        current_items=0,
-        current_device_items=False,
+    changes: dict[str, Any] = {
+        "position": state.position + 1,
+        "micro_steps": state.micro_steps + 1,
+        "window_size": decision.window_size,
+    }
+    if keep:
+        changes["contributing"] = state.contributing + 1
+        if items:
+            changes["items_in_window"] = state.items_in_window + items
+        if items_on_device:
+            changes["device_items"] = True
+    else:
+        changes["dropped_microbatches"] = state.dropped_microbatches + 1
+    if decision.sync_gradients:
+        changes["synced_in_window"] = True
+    if not decision.is_boundary:
+        return _evolve(state, changes), None
+    after = _evolve(state, changes)
+    window = _window_decision(
+        config,
+        after,
+        topology,
+        partial=after.position < after.window_size,
+        ranks_in_step=ranks_in_step,
+        ends_pass=decision.ends_pass,
     )
-    if not current.is_boundary:
-        return after, None
-    partial = after.position < after.window_size
-    decision = _window_decision(config, after, topology, partial=partial)
-    return _evolve(after, phase=Phase.BOUNDARY, pending=decision), decision
+    # The window's fields are already in `after`: one more field pair, no second copy.
+    fields = after.__dict__
+    fields["phase"] = Phase.BOUNDARY
+    fields["pending"] = window
+    return after, window
 
 
 def commit(
@@ -599,29 +693,38 @@ def commit(
         schedule_state = config.schedule.after_window(schedule_state)
     new_state = _evolve(
         state,
-        epoch=state.epoch + state.epoch_end_pending,
-        position=0,
-        window_size=0,
-        contributing=0,
-        items_in_window=0,
-        items_total=state.items_total + (window_items if stepped else 0),
-        optimizer_steps=state.optimizer_steps + stepped,
-        skipped_steps=state.skipped_steps + (not stepped),
-        windows=state.windows + 1,
-        synced_in_window=False,
-        device_items=False,
-        schedule_state=schedule_state,
-        phase=Phase.IDLE,
-        pending=None,
-        epoch_end_pending=False,
+        {
+            "epoch": state.epoch + state.epoch_end_pending,
+            "position": 0,
+            "window_size": 0,
+            "contributing": 0,
+            "items_in_window": 0,
+            "items_total": state.items_total + (window_items if stepped else 0),
+            "optimizer_steps": state.optimizer_steps + stepped,
+            "skipped_steps": state.skipped_steps + (not stepped),
+            "windows": state.windows + 1,
+            "synced_in_window": False,
+            "device_items": False,
+            "schedule_state": schedule_state,
+            "phase": Phase.IDLE,
+            "pending": None,
+            "epoch_end_pending": False,
+        },
     )
-    decision = CommitDecision(
-        outcome=outcome,
-        step_optimizer=stepped,
-        step_scheduler=stepped,
-        raise_error=outcome == "non_finite" and config.non_finite == "raise",
-    )
+    decision = _COMMIT_DECISIONS[outcome, config.non_finite == "raise"]
     return new_state, decision
+
+
+_COMMIT_DECISIONS: dict[tuple[str, bool], CommitDecision] = {
+    (outcome, raises): CommitDecision(
+        outcome=outcome,
+        step_optimizer=outcome == "stepped",
+        step_scheduler=outcome == "stepped",
+        raise_error=outcome == "non_finite" and raises,
+    )
+    for outcome in ("stepped", "amp_overflow", "non_finite", "empty")
+    for raises in (False, True)
+}
 
 
 def end_pass(
@@ -629,75 +732,79 @@ def end_pass(
     state: AccumulationState,
     *,
     topology: Topology = SINGLE_PROCESS,
+    ranks_in_step: bool = False,
 ) -> tuple[AccumulationState, PassDecision]:
     """End a pass over the data (an epoch) and apply the partial-window policy.
 
     With no open window the epoch simply advances. With one open:
     ``step`` closes it (the returned window decision makes it exact; the
-    epoch advances at :func:`commit`), ``drop`` discards it, ``carry`` keeps
-    it open into the next pass.
+    epoch advances at `commit`), ``drop`` discards it, ``carry`` keeps
+    it open into the next pass. ``ranks_in_step`` as in `end_microbatch`.
     """
     if state.phase is not Phase.IDLE:
         raise UsageError(
             f"the pass cannot end during phase {state.phase.value!r}; finish the microbatch "
             f"(backward) and let the boundary commit first"
         )
+    check = topology.world_size > 1 and topology.check_windows and not ranks_in_step
     if state.position == 0:
-        return _evolve(state, epoch=state.epoch + 1), PassDecision("none")
+        return _evolve(state, {"epoch": state.epoch + 1}), PassDecision("none", None, check)
     if config.partial_window == "step":
-        decision = _window_decision(config, state, topology, partial=True)
-        closing = _evolve(state, phase=Phase.BOUNDARY, pending=decision, epoch_end_pending=True)
+        decision = _window_decision(
+            config, state, topology, partial=True, ranks_in_step=ranks_in_step, ends_pass=True
+        )
+        closing = _evolve(
+            state, {"phase": Phase.BOUNDARY, "pending": decision, "epoch_end_pending": True}
+        )
         return closing, PassDecision("close", decision)
     if config.partial_window == "drop":
         dropped = _evolve(
             state,
-            epoch=state.epoch + 1,
-            position=0,
-            window_size=0,
-            contributing=0,
-            items_in_window=0,
-            synced_in_window=False,
-            device_items=False,
-            dropped_windows=state.dropped_windows + 1,
+            {
+                "epoch": state.epoch + 1,
+                **_NO_WINDOW,
+                "dropped_windows": state.dropped_windows + 1,
+            },
         )
-        return dropped, PassDecision("discard")
-    return _evolve(state, epoch=state.epoch + 1), PassDecision("carry")
+        return dropped, PassDecision("discard", None, check)
+    return _evolve(state, {"epoch": state.epoch + 1}), PassDecision("carry", None, check)
 
 
-def cancel_microbatch(state: AccumulationState) -> AccumulationState:
-    """Forget the open microbatch, as if it never began (for an exception
-    raised inside its forward, before any gradient was accumulated)."""
-    if state.phase is not Phase.MICROBATCH:
-        return state
-    return _evolve(
-        state,
-        # A window opened by this microbatch closes again, as if never opened.
-        window_size=state.window_size if state.position > 0 else 0,
-        phase=Phase.IDLE,
-        current=None,
-        current_items=0,
-        current_device_items=False,
-    )
+_NO_WINDOW: dict[str, Any] = {
+    "position": 0,
+    "window_size": 0,
+    "contributing": 0,
+    "items_in_window": 0,
+    "synced_in_window": False,
+    "device_items": False,
+}
 
 
 def abandon_window(state: AccumulationState) -> AccumulationState:
     """Give up the open window (its gradient is discarded by the adapter) and
-    count it in ``dropped_windows``; used when a microbatch of it ran out of
-    memory and the window is replayed with smaller microbatches."""
-    if state.phase is not Phase.IDLE:
-        raise UsageError(
-            f"a window can be abandoned only between microbatches, not during phase "
-            f"{state.phase.value!r}"
+    count it in ``dropped_windows``.
+
+    Used when a microbatch of it ran out of memory and the window is
+    replayed with smaller microbatches, when a microbatch failed inside its
+    backward where its partial gradient cannot be separated from the
+    window's, and when the boundary itself failed before `commit` (a bad
+    device item count, ranks out of step): from `Phase.BOUNDARY` the window
+    is dropped uncommitted, and a pass it was closing still ends (the epoch
+    advances). The window is not a closed window: ``windows``,
+    ``optimizer_steps`` and ``skipped_steps`` do not change.
+    """
+    if state.phase is Phase.BOUNDARY:
+        return _evolve(
+            state,
+            {
+                "epoch": state.epoch + state.epoch_end_pending,
+                **_NO_WINDOW,
+                "dropped_windows": state.dropped_windows + 1,
+                "phase": Phase.IDLE,
+                "pending": None,
+                "epoch_end_pending": False,
+            },
         )
     if state.position == 0:
         return state
-    return _evolve(
-        state,
-        position=0,
-        window_size=0,
-        contributing=0,
-        items_in_window=0,
-        synced_in_window=False,
-        device_items=False,
-        dropped_windows=state.dropped_windows + 1,
-    )
+    return _evolve(state, {**_NO_WINDOW, "dropped_windows": state.dropped_windows + 1})
