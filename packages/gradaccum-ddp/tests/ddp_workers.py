@@ -315,7 +315,8 @@ def _checkpoint_run(
         start = spec["mid"] + 1
     result: dict[str, Any] = {"windows": []}
     for j, (x, y, n) in enumerate(acc.iterate(data[start:]), start=start):
-        items: Any = torch.tensor(n) if j % 2 else n  # host and device counts mixed
+        # host and device counts mixed under items; a device count elsewhere is refused
+        items: Any = torch.tensor(n) if j % 2 and normalization == "items" else n
         before = acc.machine.state.windows
         with acc.microbatch(items):
             acc.backward(loss_fn(ddp(x), y, normalization))

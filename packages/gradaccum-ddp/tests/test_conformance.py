@@ -5,6 +5,7 @@ processes), and a meta-test: a DDP loop that all-reduces every microbatch must f
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gradaccum_conformance import BrokenPromiseError, Conformance, ConformanceSuite, Harness
 from gradaccum_conformance.promises import PROMISES
-from gradaccum_ddp import DDPAccumulator
+from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_ddp.harness import DDPHarness
+from gradaccum_torch import Accumulator
 
 
 class TestDDPAdapter(ConformanceSuite):
@@ -23,18 +25,32 @@ class TestDDPAdapter(ConformanceSuite):
         return DDPHarness()
 
 
-class _SyncEveryMicrobatch(DDPAccumulator):
+class _SyncEveryMicrobatch(DDPDistributed):
     """Broken on purpose: never enters no_sync, so DDP all-reduces every backward."""
 
-    def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
+
+
+class _SyncEveryMicrobatchAccumulator(Accumulator):
+    """An adapter built on the public contract with the broken distributed side."""
+
+    def __init__(self, ddp: DistributedDataParallel, optimizer: Any, **kwargs: Any) -> None:
+        self.broken = _SyncEveryMicrobatch(ddp)
+        super().__init__(ddp, optimizer, distributed=self.broken, **kwargs)
+
+    def add_reduction_observer(self, observer: Callable[[str], None]) -> None:
+        self.broken.add_reduction_observer(observer)
+
+    def save(self, path: Any, **kwargs: Any) -> None:
+        raise AssertionError("the distributed scenarios take no checkpoint")
 
 
 class SyncEveryMicrobatchHarness(DDPHarness):
     name = "gradaccum-ddp-sync-every-microbatch"
 
     def accumulator(self, ddp: DistributedDataParallel, optimizer: Any, **kwargs: Any) -> Any:
-        return _SyncEveryMicrobatch(ddp, optimizer, **kwargs)
+        return _SyncEveryMicrobatchAccumulator(ddp, optimizer, **kwargs)
 
 
 @pytest.mark.parametrize("scenario", ["distributed_items", "distributed_mean"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from conftest import Batch, make_batches, make_model, mean_loss, params_of, sum_loss
 
@@ -166,7 +167,31 @@ def test_events_arrive_in_order_with_counters() -> None:
         ("epoch_end", 5, 2),
     ]
     assert acc.stats.skipped_steps == 1 and acc.effective_step == 2
-    assert acc.stats.last_grad_norm is not None and acc.stats.last_grad_norm > 0
+    # The default check is a fused kernel, not a norm: no norm is recorded (ACC-L3).
+    assert acc.stats.last_grad_norm is None
+
+
+def test_track_grad_norm_records_the_pre_clip_norm_lazily() -> None:
+    """ACC-L3: with track_grad_norm the boundary keeps the pre-clip total norm as a device
+    scalar; it equals torch's own norm of the window gradient before the step."""
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the window gradient stays in view
+    seen: list[float] = []
+
+    def before_step(acc: Accumulator) -> None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    acc = Accumulator(model, opt, steps=2, track_grad_norm=True, before_step=before_step)
+    results = []
+    for batch in acc.iterate(make_batches([2, 3, 4, 1])):
+        with acc.microbatch():
+            results.append(acc.backward(mean_loss(model, batch)))
+    norms = [r.grad_norm for r in results if r.boundary]
+    assert all(isinstance(n, torch.Tensor) and n.dim() == 0 for n in norms)
+    assert [float(n) for n in norms] == pytest.approx(seen, rel=1e-12)
+    assert acc.stats.last_grad_norm == pytest.approx(seen[-1], rel=1e-12)
 
 
 def test_device_item_counts_reach_the_counters_and_empty_windows_skip() -> None:

@@ -36,6 +36,7 @@ import torch
 
 from gradaccum.checkpoint import MANIFEST_NAME, Producer, write_checkpoint
 from gradaccum.errors import DistributedError
+from gradaccum.lockstep import Tag, describe, digest
 from gradaccum_ddp._version import PRODUCER, __version__
 from gradaccum_ddp.collectives import (
     communication_errors,
@@ -44,22 +45,15 @@ from gradaccum_ddp.collectives import (
     pack_files,
     unpack_files,
 )
-from gradaccum_ddp.lockstep import Tag, describe, digest
-from gradaccum_torch.checkpoint import collect, load_checkpoint
+from gradaccum_torch.checkpoint import collect, items_role, load_checkpoint
 from gradaccum_torch.tensor_io import tensors_to_bytes
 
 if TYPE_CHECKING:
     from gradaccum_ddp.accumulator import DDPAccumulator
 
-__all__ = ["items_role", "load_distributed", "save_distributed"]
+__all__ = ["load_distributed", "save_distributed"]
 
 _PER_RANK_KEYS = ("items_in_window", "items_total")
-
-
-def items_role(rank: int, world_size: int) -> str:
-    """The role holding a rank's item count of the open window (``items`` on
-    one process, as gradaccum-torch writes it)."""
-    return "items" if world_size == 1 else f"items.rank{rank}"
 
 
 def _common_state(acc: DDPAccumulator, state: dict[str, Any]) -> dict[str, Any]:
@@ -77,8 +71,9 @@ def _fold_items(
     if acc.config.normalization != "items" or state["position"] == 0:
         return state
     local = torch.zeros((), dtype=torch.float64)
-    if acc._items is not None:
-        local = local + acc._items.detach().to("cpu", torch.float64)
+    device_items = acc.inflight_items()
+    if device_items is not None:
+        local = local + device_items.detach().to("cpu", torch.float64)
     local = local + float(state["items_in_window"])
     files[items_role(acc.rank, acc.world_size)] = tensors_to_bytes({"items": local})
     return {**state, "items_in_window": 0, "device_items": True}
@@ -95,7 +90,7 @@ def save_distributed(
 ) -> None:
     """Write ``acc``'s checkpoint (see the module docstring); call on every rank."""
     rank, world = acc.rank, acc.world_size
-    group, device = acc.process_group, acc._comm
+    group, device = acc.process_group, acc.comm_device
     config = acc.config.to_dict()
     state = acc.machine.state_dict()
     files: dict[str, bytes] = {}
@@ -155,7 +150,7 @@ def save_distributed(
 def load_distributed(acc: DDPAccumulator, path: str | os.PathLike[str]) -> None:
     """Restore ``acc`` on every rank from ``path``; every rank must see the same
     directory (on several nodes: a shared file system)."""
-    rank, group, device = acc.rank, acc.process_group, acc._comm
+    rank, group, device = acc.rank, acc.process_group, acc.comm_device
     try:
         manifest = (Path(os.fspath(path)) / MANIFEST_NAME).read_bytes()
     except OSError:

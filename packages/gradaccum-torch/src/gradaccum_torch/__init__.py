@@ -19,6 +19,8 @@ from gradaccum import (
     TargetBatch,
 )
 from gradaccum_torch.accumulator import PRODUCER, Accumulator
+from gradaccum_torch.boundary import BackwardResult
+from gradaccum_torch.contract import Distributed, Framework, SingleProcess, TorchFramework
 from gradaccum_torch.naming import canonical_name, named_parameters
 
 __version__ = "0.1.0"
@@ -28,12 +30,17 @@ __all__ = [
     "AccumulationConfig",
     "Accumulator",
     "AdaptiveMicrobatch",
+    "BackwardResult",
     "ByEpoch",
     "ByStep",
     "ClipPolicy",
+    "Distributed",
     "Fixed",
+    "Framework",
     "GradientWeights",
+    "SingleProcess",
     "TargetBatch",
+    "TorchFramework",
     "__version__",
     "canonical_name",
     "named_parameters",

@@ -1,4 +1,4 @@
-"""The plain-PyTorch accumulator.
+"""The accumulator: the loop-facing API every torch adapter shares.
 
 Three lines turn a plain loop into an exact accumulating one::
 
@@ -7,17 +7,22 @@ Three lines turn a plain loop into an exact accumulating one::
         with acc.microbatch():                    # forward and backward inside
             acc.backward(loss_fn(model(x), y))    # steps, clips, zeroes at the boundary
 
-Every *when* comes from the core's state machine (:mod:`gradaccum.state`);
-this module only applies the decisions to tensors.
+Every *when* comes from the core's state machine (`gradaccum.state`). This
+module applies the decisions through the adapter contract
+(`gradaccum_torch.contract`): a `Distributed` for the ranks, a `Framework`
+for backward and the steps. Where the window's gradient lives is a
+`gradaccum_torch.gradients.GradientStore`; the boundary is
+`gradaccum_torch.boundary.close_window`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import difflib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -25,21 +30,76 @@ from gradaccum.config import AccumulationConfig
 from gradaccum.errors import (
     CheckpointMismatchError,
     ConfigError,
-    NonFiniteGradientError,
+    DistributedError,
     UsageError,
 )
 from gradaccum.iteration import mark_last
+from gradaccum.lockstep import Tag, describe, digest, pass_end_row, pass_row
 from gradaccum.machine import AccumulationMachine
-from gradaccum.state import MicrobatchDecision, Phase, Topology, WindowDecision
+from gradaccum.policies import (
+    AccumulationDType,
+    ClipPolicy,
+    GradientWeights,
+    NonFinitePolicy,
+    Normalization,
+    PartialWindowPolicy,
+)
+from gradaccum.schedules import Schedule
+from gradaccum.state import AccumulationState, Phase, Topology
 from gradaccum.stats import AccumulationListener, AccumulationStats
 from gradaccum_torch import grads as G
+from gradaccum_torch.boundary import (
+    NOT_A_BOUNDARY,
+    BackwardResult,
+    close_window,
+    exchange_row,
+    positions,
+)
+from gradaccum_torch.contract import Distributed, Framework, SingleProcess, TorchFramework
+from gradaccum_torch.gradients import GradientStore, gradient_store
+from gradaccum_torch.items import ItemCounter, check_count_tensor
 from gradaccum_torch.naming import named_parameters
 
-__all__ = ["Accumulator"]
+__all__ = ["Accumulator", "BackwardResult"]
 
 T = TypeVar("T")
 
 PRODUCER = "gradaccum-torch"
+
+_CONFIG_OPTIONS = (
+    "schedule",
+    "normalization",
+    "partial_window",
+    "non_finite",
+    "clip",
+    "weights",
+    "accumulation_dtype",
+    "offload",
+    "micro_batch_size",
+)
+_OTHER_KEYWORDS = (
+    "steps",
+    "config",
+    "scheduler",
+    "scaler",
+    "listeners",
+    "before_step",
+    "track_grad_norm",
+    "distributed",
+    "framework",
+)
+
+
+def _unknown_keywords(unknown: Mapping[str, object], extra: Sequence[str] = ()) -> ConfigError:
+    known = (*_CONFIG_OPTIONS, *_OTHER_KEYWORDS, *extra)
+    parts = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        parts.append(f"{name!r}{hint}")
+    return ConfigError(
+        f"unknown keyword argument(s) {', '.join(parts)}; the options are {', '.join(known)}"
+    )
 
 
 class Accumulator:
@@ -47,26 +107,48 @@ class Accumulator:
 
     Args:
         model: the module being trained (wrapped or not: parameter names are
-            canonicalised, see :mod:`gradaccum_torch.naming`).
+            canonicalised, see `gradaccum_torch.naming`).
         optimizer: its optimizer; every parameter it holds must belong to
-            ``model``.
+            ``model``. A param group added later with ``add_param_group`` is
+            adopted at the next microbatch.
         steps: microbatches per window (shorthand for ``schedule=Fixed(steps)``).
-        config: a full :class:`~gradaccum.AccumulationConfig`; exclusive with
-            ``steps`` and ``options``.
+        config: a full `~gradaccum.AccumulationConfig`; exclusive with
+            ``steps`` and the option keywords below.
+        schedule, normalization, partial_window, non_finite, clip, weights,
+            accumulation_dtype, offload, micro_batch_size: the
+            `~gradaccum.AccumulationConfig` options (see there); unset ones
+            keep the config's defaults.
         scheduler: an LR scheduler stepped exactly once per successful
-            optimizer step, never on microbatches or skipped steps.
+            optimizer step (ACC-S3), never on microbatches or skipped steps.
+            ``ReduceLROnPlateau`` needs a metric: step it yourself.
         scaler: a ``torch.amp.GradScaler`` for fp16; the loss is scaled, the
             gradient unscaled once per window before the non-finite check and
             clipping, and an overflow skips the step without stepping the
-            scheduler.
+            scheduler (ACC-F4).
         listeners: receivers of microbatch/step/skip/epoch events.
-        **options: any other :class:`~gradaccum.AccumulationConfig` keyword
-            (``normalization="items"``, ``clip=ClipPolicy(1.0)``, ...).
+        before_step: called with the accumulator after clipping and the
+            weights, right before each optimizer step (only when one is
+            taken): the final gradient is in ``param.grad`` to inspect or
+            modify. More with `add_before_step`.
+        track_grad_norm: compute the total gradient norm (before clipping)
+            at every boundary for ``stats.last_grad_norm`` and
+            ``BackwardResult.grad_norm``: a device value, read only when
+            you read it. Always on when clipping by norm; off by default
+            because the non-finite check has a cheaper fused kernel.
+        distributed: the adapter contract's distributed side
+            (`~gradaccum_torch.contract.Distributed`); one process by default.
+        framework: the adapter contract's framework side
+            (`~gradaccum_torch.contract.Framework`); plain torch by default
+            (then built from ``optimizer``, ``scheduler`` and ``scaler``).
+
+    An unknown keyword raises `~gradaccum.ConfigError` naming the closest
+    valid one (and ``mypy`` flags it).
 
     Promises (spec ``ACC-…``): the parameters after each window equal one
     large-batch step on the window's data; no host sync and no gradient
-    communication on microbatches that are not the last of their window;
-    in the default configuration no buffer besides ``param.grad``.
+    communication on microbatches that are not the last of their window,
+    and at most one device-to-host read at a boundary; in the default
+    configuration no buffer besides ``param.grad``.
     """
 
     def __init__(
@@ -76,17 +158,50 @@ class Accumulator:
         steps: int | None = None,
         *,
         config: AccumulationConfig | None = None,
+        schedule: Schedule | None = None,
+        normalization: Normalization | None = None,
+        partial_window: PartialWindowPolicy | None = None,
+        non_finite: NonFinitePolicy | None = None,
+        clip: ClipPolicy | None = None,
+        weights: GradientWeights | None = None,
+        accumulation_dtype: AccumulationDType | None = None,
+        offload: bool | None = None,
+        micro_batch_size: int | None = None,
         scheduler: Any | None = None,
         scaler: torch.amp.GradScaler | None = None,
         listeners: Iterable[AccumulationListener] = (),
-        **options: Any,
+        before_step: Callable[[Accumulator], None] | None = None,
+        track_grad_norm: bool = False,
+        distributed: Distributed | None = None,
+        framework: Framework | None = None,
+        **unknown: NoReturn,
     ) -> None:
+        if unknown:
+            raise _unknown_keywords(unknown)
+        options: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("schedule", schedule),
+                ("normalization", normalization),
+                ("partial_window", partial_window),
+                ("non_finite", non_finite),
+                ("clip", clip),
+                ("weights", weights),
+                ("accumulation_dtype", accumulation_dtype),
+                ("offload", offload),
+                ("micro_batch_size", micro_batch_size),
+            )
+            if value is not None
+        }
         if config is None:
             config = AccumulationConfig(steps, **options)
+        elif not isinstance(config, AccumulationConfig):
+            raise ConfigError(f"config={config!r} must be a gradaccum.AccumulationConfig")
         elif steps is not None or options:
+            given = sorted(options) + (["steps"] if steps is not None else [])
             raise ConfigError(
-                f"config= was given together with steps={steps!r} / {sorted(options)}; "
-                f"put everything in the config, or pass steps and options only"
+                f"config= was given together with {given}; put everything in the config "
+                f"(config.replace(...)), or pass the options without config="
             )
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -94,20 +209,83 @@ class Accumulator:
             raise ConfigError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise ConfigError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        if scaler is not None and config.non_finite == "drop_microbatch":
+        if framework is None:
+            if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+                raise ConfigError(
+                    f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}"
+                )
+            _check_scheduler(scheduler, optimizer)
+            framework = TorchFramework(optimizer, scheduler, scaler)
+        else:
+            if not isinstance(framework, Framework):
+                raise ConfigError(
+                    f"framework={framework!r} does not implement gradaccum_torch.Framework"
+                )
+            if scheduler is not None or scaler is not None:
+                raise ConfigError(
+                    "scheduler= and scaler= belong to the framework when framework= is given; "
+                    "build the framework with them"
+                )
+            if framework.optimizer is not optimizer:
+                raise ConfigError(
+                    "framework.optimizer is not the optimizer given; pass the same raw "
+                    "torch optimizer to both"
+                )
+            _check_scheduler(framework.scheduler, optimizer)
+        distributed = SingleProcess() if distributed is None else distributed
+        if not isinstance(distributed, Distributed):
+            raise ConfigError(
+                f"distributed={distributed!r} does not implement gradaccum_torch.Distributed"
+            )
+        if framework.scaler is not None and config.non_finite == "drop_microbatch":
             raise ConfigError(
                 "non_finite='drop_microbatch' cannot be combined with a GradScaler: a loss-scale "
                 "overflow must skip the whole window so the scaler can lower its scale; use "
                 "non_finite='skip' with AMP"
             )
-        by_name = named_parameters(model)
-        name_of = {id(p): n for n, p in by_name.items()}
+        if before_step is not None and not callable(before_step):
+            raise ConfigError(f"before_step={before_step!r} must be a callable or None")
+        if not isinstance(track_grad_norm, bool):
+            raise ConfigError(f"track_grad_norm={track_grad_norm!r} must be True or False")
+        topology = Topology(
+            world_size=distributed.world_size,
+            averages=distributed.averages,
+            check_windows=distributed.check_windows,
+        )
+        machine = AccumulationMachine(config, topology=topology, listeners=listeners)
+        self.model = model
+        self.optimizer = optimizer
+        self._framework = framework
+        self._distributed = distributed
+        self._machine = machine
+        self._prefix = framework.name_prefix
+        params, names, weighted = self._resolve(config)
+        self._store: GradientStore = gradient_store(config, params, names)
+        self._weighted = weighted
+        self._group_count = len(optimizer.param_groups)
+        self._items = ItemCounter()
+        self._before_step: list[Callable[[Accumulator], None]] = (
+            [] if before_step is None else [before_step]
+        )
+        self._track_grad_norm = track_grad_norm
+        self._open: _Microbatch | None = None
+        self._next_last = False
+        self._next_remaining: int | None = None
+        if distributed.world_size > 1:
+            self._agree([Tag.INIT, digest(config.to_dict())])
+
+    # -- construction helpers --------------------------------------------------
+
+    def _resolve(
+        self, config: AccumulationConfig
+    ) -> tuple[list[torch.nn.Parameter], list[str], list[tuple[float, list[torch.nn.Parameter]]]]:
+        """The optimizer's parameters, their canonical names and the weight
+        groups; raises `ConfigError` (nothing changed) for a parameter that is
+        not the model's."""
+        name_of = {id(p): n for n, p in named_parameters(self.model, self._prefix).items()}
         params: list[torch.nn.Parameter] = []
         groups: list[int] = []
-        for g, group in enumerate(optimizer.param_groups):
+        for g, group in enumerate(self.optimizer.param_groups):
             for param in group["params"]:
                 if id(param) not in name_of:
                     raise ConfigError(
@@ -117,49 +295,23 @@ class Accumulator:
                     )
                 params.append(param)
                 groups.append(g)
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scaler = scaler
-        self._params = params
-        self._names = [name_of[id(p)] for p in params]
-        self._name_of = name_of
+        names = [name_of[id(p)] for p in params]
         weights = config.weights.resolve(
-            self._names,
-            groups,
-            [group.get("name") for group in optimizer.param_groups],
+            names, groups, [group.get("name") for group in self.optimizer.param_groups]
         )
         by_weight: dict[float, list[torch.nn.Parameter]] = {}
         for param, weight in zip(params, weights, strict=True):
             if weight != 1.0:
                 by_weight.setdefault(weight, []).append(param)
-        self._weighted = list(by_weight.items())
-        self._buffered = config.accumulation_dtype == "float32" or config.offload
-        self._buffers: dict[int, torch.Tensor] = {}
-        self._items: torch.Tensor | None = None
-        self._machine = AccumulationMachine(config, topology=self._topology(), listeners=listeners)
-        self._decision: MicrobatchDecision | None = None
-        self._backward_done = False
-        self._next_last = False
-        self._next_remaining: int | None = None
-        self._pending_items: torch.Tensor | None = None
+        return params, names, list(by_weight.items())
 
-    # -- extension points for distributed adapters -------------------------
-
-    def _topology(self) -> Topology:
-        """World size and reduction semantics (one process here)."""
-        return Topology()
-
-    def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
-        """Context around forward and backward; DDP enters ``no_sync`` when not ``sync``."""
-        return contextlib.nullcontext()
-
-    def _manual_sync(self, grads: Sequence[torch.Tensor]) -> None:
-        """Reduce gradients when a window closed without a synced backward."""
-
-    def _world_items(self, local: torch.Tensor) -> torch.Tensor:
-        """The window's item count summed over ranks (one collective in DDP)."""
-        return local
+    def _adopt_param_groups(self) -> None:
+        """The optimizer gained param groups since the last microbatch: take
+        their parameters into normalization, weights and checkpoints."""
+        params, names, weighted = self._resolve(self.config)
+        self._store.adopt(params, names)
+        self._weighted = weighted
+        self._group_count = len(self.optimizer.param_groups)
 
     # -- properties ----------------------------------------------------------
 
@@ -174,6 +326,31 @@ class Accumulator:
         return self._machine
 
     @property
+    def framework(self) -> Framework:
+        """The framework side of the adapter contract."""
+        return self._framework
+
+    @property
+    def distributed(self) -> Distributed:
+        """The distributed side of the adapter contract."""
+        return self._distributed
+
+    @property
+    def gradients(self) -> GradientStore:
+        """Where the window's gradient lives (export/import for checkpoints)."""
+        return self._store
+
+    @property
+    def scheduler(self) -> Any | None:
+        """The LR scheduler, or ``None``."""
+        return self._framework.scheduler
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The enabled AMP GradScaler, or ``None``."""
+        return self._framework.scaler
+
+    @property
     def stats(self) -> AccumulationStats:
         """Counters and the last pre-clip gradient norm (read lazily)."""
         return self._machine.stats
@@ -186,28 +363,49 @@ class Accumulator:
     @property
     def is_accumulating(self) -> bool:
         """True while a window is open."""
-        return self._machine.state.is_accumulating
+        return self._machine.is_accumulating
 
     @property
     def sync_gradients(self) -> bool:
         """True inside the microbatch that closes its window (Accelerate's name)."""
-        return self._decision is not None and self._decision.sync_gradients
+        current = self._machine.current
+        return current is not None and current.is_boundary
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The optimizer's parameters by canonical name (prefix stripped), in order."""
+        return self._store.by_name
 
     def add_listener(self, listener: AccumulationListener) -> None:
         """Register an event listener (e.g. ``gradaccum_wandb``'s logger)."""
         self._machine.add_listener(listener)
 
+    def add_before_step(self, hook: Callable[[Accumulator], None]) -> None:
+        """Call ``hook(acc)`` after clipping and weights, right before every
+        optimizer step (see ``before_step``)."""
+        if not callable(hook):
+            raise ConfigError(f"before_step hook {hook!r} must be callable")
+        self._before_step.append(hook)
+
     # -- the loop ------------------------------------------------------------
 
     def iterate(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield the items of one pass, marking the last one for the next
-        :meth:`microbatch`, and end the pass (applying the partial-window
-        policy) when the iterable is exhausted. Looks one item ahead; uses
-        ``len(iterable)`` when available to plan a short last window exactly."""
+        `microbatch`, and end the pass (applying the partial-window policy)
+        when the iterable is exhausted. Looks one item ahead; uses
+        ``len(iterable)`` when available to plan a short last window exactly.
+
+        On several ranks with ``len()``, the ranks first compare the pass
+        length in one small collective (ACC-D5): ranks that would run
+        different numbers of microbatches raise `~gradaccum.DistributedError`
+        on every rank before any microbatch runs; the windows of such a pass
+        need no comparison at their boundaries."""
         try:
             total: int | None = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
+        if total is not None and self._distributed.world_size > 1:
+            self._agree(pass_row(self._machine.state, total))
+            self._machine.set_ranks_in_step()
         for index, (item, last) in enumerate(mark_last(iterable)):
             self._next_last = last
             remaining = None if total is None else total - index
@@ -217,76 +415,52 @@ class Accumulator:
         self._next_remaining = None
         self.end_pass()
 
-    @contextlib.contextmanager
     def microbatch(
         self,
         items: int | torch.Tensor | None = None,
         *,
         last: bool | None = None,
         remaining: int | None = None,
-    ) -> Iterator[Accumulator]:
+    ) -> contextlib.AbstractContextManager[Accumulator]:
         """Run one microbatch's forward and backward inside this context.
 
         Args:
             items: items the loss covers (tokens, samples); required under
                 ``items`` normalization. An int, or a 0-d tensor kept on the
-                device (no host sync).
-            last: this is the last microbatch of the pass; :meth:`iterate`
-                sets it for you.
-            remaining: microbatches left in the pass, this one included, when
-                you drive the loop yourself and know the pass length: a short
-                last window is then planned exactly from its start.
+                device (no host sync; checked at the boundary).
+            last: this is the last microbatch of the pass; `iterate` sets it
+                for you.
+            remaining: microbatches left in the pass, this one included,
+                when you drive the loop yourself and know the pass length: a
+                short last window is then planned exactly from its start.
 
-        Exactly one :meth:`backward` must run inside. Gradient communication
-        is suppressed unless this microbatch closes its window.
+        Exactly one `backward` must run inside. Gradient communication is
+        suppressed unless this microbatch closes its window. If the block
+        raises, the window is left exactly as before the microbatch began
+        (the exception propagates); where the gradient store cannot separate
+        a backward that failed part-way from the window (``param.grad``
+        accumulation after the window's first microbatch), the window is
+        discarded instead and the exception says so in a note.
         """
-        on_device = isinstance(items, torch.Tensor)
-        if on_device and self.config.normalization != "items":
-            items = None
-            on_device = False
-        decision = self._machine.begin(
-            items=None if on_device else items,  # type: ignore[arg-type]
-            items_on_device=on_device,
-            last_in_pass=self._next_last if last is None else last,
-            remaining_in_pass=(
-                remaining if remaining is not None or last is not None else self._next_remaining
-            ),
-        )
-        self._next_last = False
-        self._next_remaining = None
-        self._decision = decision
-        self._backward_done = False
-        self._pending_items = items if isinstance(items, torch.Tensor) else None
-        try:
-            with self._sync_context(decision.sync_gradients):
-                yield self
-        except BaseException:
-            if not self._backward_done:
-                self._machine.cancel()
-            raise
-        finally:
-            self._decision = None
-        if not self._backward_done:
-            self._machine.cancel()
-            raise UsageError(
-                "the microbatch ended without acc.backward(loss); call it exactly once "
-                "inside `with acc.microbatch():`"
-            )
+        return _Microbatch(self, items, last, remaining)
 
-    def backward(self, loss: torch.Tensor) -> bool:
+    def backward(self, loss: torch.Tensor) -> BackwardResult:
         """Backpropagate ``loss`` for the open microbatch; at a window's
         boundary, also normalize, unscale, check, clip, weight, step the
-        optimizer and scheduler, and zero the gradients.
+        optimizer and scheduler, and zero the gradients (ACC-B1).
 
-        Returns True when an optimizer step was taken.
+        Returns a `BackwardResult`: whether this closed a window, whether the
+        optimizer stepped (it is truthy exactly then), the outcome, the
+        window's item count (a lazy device value for device counts) and the
+        pre-clip norm when one was computed.
         """
-        decision = self._decision
-        if decision is None:
+        mb = self._open
+        if mb is None:
             raise UsageError(
                 "acc.backward(loss) was called outside `with acc.microbatch():`; "
                 "open the microbatch context first"
             )
-        if self._backward_done:
+        if mb.stage != _OPENED:
             raise UsageError(
                 "acc.backward(loss) was called twice in one microbatch; sum the losses "
                 "and call it once, or start a new microbatch"
@@ -302,277 +476,194 @@ class Accumulator:
                 "the loss does not require grad (computed under torch.no_grad() or from "
                 "detached tensors); compute it from the model's output with grad enabled"
             )
-        scaled = loss if decision.loss_multiplier == 1.0 else loss * decision.loss_multiplier
-        if self.scaler is not None:
-            scaled = self.scaler.scale(scaled)
+        decision = mb.decision
+        mb.stage = _BACKWARD
+        multiplier = decision.loss_multiplier
+        self._framework.backward(loss if multiplier == 1.0 else loss * multiplier)
         dropped = False
         if decision.isolate:
-            dropped = self._isolated_backward(scaled, decision)
-        else:
-            scaled.backward()  # type: ignore[no-untyped-call]
-        if not dropped and self._pending_items is not None:
-            count = self._pending_items.detach()
-            self._items = count if self._items is None else self._items + count
-        if self._buffered:
-            self._fold_into_buffers()
-        self._backward_done = True
+            dropped = self._check_isolated(mb)
+        self._store.close_microbatch(keep=not dropped)
+        if not dropped and mb.count is not None:
+            self._items.add(mb.count)
+        mb.stage = _DONE
         window = self._machine.end(dropped=dropped)
         if window is None:
-            return False
-        return self._close_window(window)
+            return NOT_A_BOUNDARY
+        return close_window(
+            self,
+            window,
+            machine=self._machine,
+            store=self._store,
+            items=self._items,
+            framework=self._framework,
+            distributed=self._distributed,
+            weighted=self._weighted,
+            before_step=self._before_step,
+            track_grad_norm=self._track_grad_norm,
+        )
 
     def accumulate(
         self, loss: torch.Tensor, *, items: int | torch.Tensor | None = None, last: bool = False
-    ) -> bool:
+    ) -> BackwardResult:
         """One-call form: ``with microbatch(items, last=last): backward(loss)``.
         The forward ran outside the context, so under DDP it was not exempt
-        from synchronisation bookkeeping; prefer :meth:`microbatch`."""
+        from synchronisation bookkeeping; prefer `microbatch`."""
         with self.microbatch(items, last=last):
             return self.backward(loss)
 
-    def end_pass(self) -> None:
+    def end_pass(self) -> BackwardResult | None:
         """End a pass over the data and apply the partial-window policy
-        (:meth:`iterate` calls this for you)."""
+        (`iterate` calls this for you). Returns the `BackwardResult` of a
+        window the end of the pass closed (policy ``step``), else ``None``."""
+        if self._open is not None:
+            raise UsageError(
+                "the pass cannot end inside `with acc.microbatch():`; end it after the block"
+            )
         decision = self._machine.end_pass()
+        if decision.check_ranks:
+            self._agree(pass_end_row(self._machine.state))
         if decision.action == "close" and decision.window is not None:
-            self._close_window(decision.window)
-        elif decision.action == "discard":
-            self._zero()
+            return close_window(
+                self,
+                decision.window,
+                machine=self._machine,
+                store=self._store,
+                items=self._items,
+                framework=self._framework,
+                distributed=self._distributed,
+                weighted=self._weighted,
+                before_step=self._before_step,
+                track_grad_norm=self._track_grad_norm,
+            )
+        if decision.action == "discard":
+            self._discard()
+        return None
+
+    def discard_window(self) -> None:
+        """Drop the open window: its gradient is zeroed, nothing steps, and it
+        is counted in ``stats.dropped_windows``. Between microbatches only."""
+        self._check_idle("discard a window")
+        self._machine.abandon()
+        self._discard()
 
     # -- microbatch internals -----------------------------------------------
 
-    def _isolated_backward(self, scaled: torch.Tensor, decision: MicrobatchDecision) -> bool:
-        """Backward into fresh gradients, clip them or check them alone, then add
-        them to the window. Returns True when the microbatch is dropped."""
-        stash = [p.grad for p in self._params]
-        for param in self._params:
-            param.grad = None
-        scaled.backward()  # type: ignore[no-untyped-call]
-        fresh = [p.grad for p in self._params if p.grad is not None]
-        dropped = False
-        if self.config.non_finite == "drop_microbatch":
-            dropped = bool(G.has_nonfinite(fresh).item())
-        if not dropped and decision.clip is not None:
-            G.clip_(fresh, decision.clip, scale=self._microbatch_scale(decision))
-        for param, old in zip(self._params, stash, strict=True):
-            new = param.grad
-            if dropped or new is None:
-                param.grad = old
-            elif old is not None:
-                param.grad = old.add_(new)
-        return dropped
+    def _check_isolated(self, mb: _Microbatch) -> bool:
+        """An isolated microbatch's own gradient: check it (``drop_microbatch``)
+        and clip it (per-microbatch clipping). True when it is dropped."""
+        decision = mb.decision
+        fresh = self._store.microbatch_gradients()
+        # drop_microbatch reads one flag per microbatch: documented (ACC-F3).
+        if self.config.non_finite == "drop_microbatch" and bool(G.has_nonfinite(fresh).item()):
+            return True
+        if decision.clip is not None:
+            G.clip_(fresh, decision.clip, scale=self._microbatch_scale(mb))
+        return False
 
-    def _microbatch_scale(self, decision: MicrobatchDecision) -> torch.Tensor:
+    def _microbatch_scale(self, mb: _Microbatch) -> torch.Tensor:
         """What backward multiplied the microbatch's mean-loss gradient by: the
         loss multiplier, the item count under ``items`` (the loss is a sum),
         and the GradScaler's scale. Per-microbatch clipping divides it out
-        (spec ACC-L2), on the device."""
-        factor = decision.loss_multiplier
-        per_item: torch.Tensor | None = None
-        if self.config.normalization == "items":
-            if self._pending_items is not None:
-                per_item = self._pending_items.detach()
-            else:
-                factor *= self._machine.state.current_items
-        scale = torch.tensor(factor, dtype=torch.float32, device=self._device())
-        if per_item is not None:
-            scale = scale * per_item.to(scale.device, torch.float32)
-        if self.scaler is not None and self.scaler._scale is not None:
-            scale = scale * self.scaler._scale.to(scale.device)
+        (spec ACC-L2), on the device, in float64 where the device has it (so
+        1/k is not rounded to float32)."""
+        device = self._device()
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        factor = mb.decision.loss_multiplier
+        if self.config.normalization == "items" and mb.count is None:
+            factor *= self._machine.current_items
+        scale = torch.tensor(factor, dtype=dtype, device=device)
+        if self.config.normalization == "items" and mb.count is not None:
+            scale = scale * mb.count.detach().to(device, dtype)
+        scaler = self._framework.scaler
+        if scaler is not None and scaler._scale is not None:
+            scale = scale * scaler._scale.to(device, dtype).reshape(())
         return scale
 
-    def _fold_into_buffers(self) -> None:
-        device = torch.device("cpu") if self.config.offload else None
-        to_fp32 = self.config.accumulation_dtype == "float32"
-        for param in self._params:
-            grad = param.grad
-            if grad is None:
-                continue
-            buf = self._buffers.get(id(param))
-            if buf is None:
-                dtype = torch.float32 if to_fp32 and grad.is_floating_point() else grad.dtype
-                self._buffers[id(param)] = grad.to(
-                    device=device or grad.device, dtype=dtype, copy=True
-                )
-            else:
-                buf.add_(grad.to(device=buf.device, dtype=buf.dtype, non_blocking=True))
-            param.grad = None
+    def _discard(self) -> None:
+        self._store.zero()
+        self._items.clear()
 
-    # -- the boundary (spec ACC-B1: sync, normalize, unscale, check, clip, weights, step, zero)
+    def _device(self) -> torch.device:
+        params = self._store.params
+        return params[0].device if params else torch.device("cpu")
 
-    def _close_window(self, window: WindowDecision) -> bool:
-        if self._buffered:
-            world_total = self._restore_from_buffers(window)
-            grads = self._grads()
-        else:
-            grads = self._grads()
-            if window.needs_manual_sync:
-                self._manual_sync(grads)
-            world_total = self._normalize(grads, window)
-        amp_overflow = False
-        found_inf = False
-        norm: torch.Tensor | None = None
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            found = self.scaler._found_inf_per_device(self.optimizer)
-            amp_overflow = bool(sum(v.item() for v in found.values()))
-        if not amp_overflow and not window.empty:
-            clip = window.clip
-            norm_type = clip.norm_type if clip is not None and clip.mode == "norm" else 2.0
-            norm = G.total_norm(grads, norm_type)
-            # The boundary's one host read: inf or nan anywhere makes the norm non-finite.
-            found_inf = not math.isfinite(norm.item())
-            if clip is not None and not found_inf:
-                G.clip_(grads, clip, norm=norm if clip.mode == "norm" else None)
-            if window.apply_weights and not found_inf:
-                for weight, params in self._weighted:
-                    G.scale_([p.grad for p in params if p.grad is not None], weight)
-        verdict = self._machine.commit(
-            found_inf=found_inf,
-            amp_overflow=amp_overflow,
-            grad_norm=norm,
-            # Device-side counts become known here, at the boundary (ACC-C4, ACC-N6).
-            world_items=None if world_total is None else round(world_total.item()),
-        )
-        if verdict.step_optimizer:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-        if self.scaler is not None:
-            self.scaler.update()
-        if verdict.step_scheduler and self.scheduler is not None:
-            self.scheduler.step()
-        self._zero()
-        if verdict.raise_error:
-            raise NonFiniteGradientError(
-                f"the gradient of window {self._machine.state.windows} holds inf or nan "
-                f"(total norm {float(norm) if norm is not None else 'n/a'}); the step was "
-                f"skipped and the gradients zeroed. Use non_finite='skip' to continue silently "
-                f"or 'drop_microbatch' to leave out only the bad microbatch"
-            )
-        return verdict.step_optimizer
+    def _check_idle(self, what: str) -> None:
+        if self._open is not None or self._machine.phase is not Phase.IDLE:
+            raise UsageError(f"cannot {what} inside a microbatch; do it between microbatches")
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self._params if p.grad is not None]
-
-    def _normalize(
-        self, grads: Sequence[torch.Tensor], window: WindowDecision
-    ) -> torch.Tensor | None:
-        """Apply the window's multiplier; under ``items`` with device counts or
-        several ranks, divide by the world item count and return it (a device
-        scalar), else return None."""
-        if window.divide_by_world_items:
-            local = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
-            if self._items is not None:
-                local = local + self._items.to(local.device, torch.float64)
-            local = local + window.items
-            total = self._world_items(local)
-            G.scale_(grads, window.grad_multiplier / total.clamp(min=1.0))
-            return total
-        G.scale_(grads, window.grad_multiplier)
-        return None
-
-    def _restore_from_buffers(self, window: WindowDecision) -> torch.Tensor | None:
-        buffers = [self._buffers[id(p)] for p in self._params if id(p) in self._buffers]
-        if window.needs_manual_sync:
-            self._manual_sync(buffers)
-        world_total = self._normalize(buffers, window)
-        for param in self._params:
-            buf = self._buffers.get(id(param))
-            if buf is not None:
-                param.grad = buf.to(device=param.device, dtype=param.dtype)
-        return world_total
-
-    def _zero(self) -> None:
-        # self._params are exactly the optimizer's parameters: this clears every .grad.
-        self.optimizer.zero_grad(set_to_none=True)
-        self._buffers.clear()
-        self._items = None
+    def _agree(self, row: list[int]) -> None:
+        """Compare a `gradaccum.lockstep` row across ranks (one all-gather, one
+        host read); raise `DistributedError` on every rank when they differ."""
+        mine = exchange_row(row, self._device())
+        where = positions(self._distributed.all_gather(mine).tolist())
+        if any(r != where[0] for r in where):
+            raise DistributedError(describe(where))
 
     # -- state and checkpoints ------------------------------------------------
 
-    def _inflight(self) -> dict[str, torch.Tensor]:
-        """In-flight (not yet stepped) gradients by canonical name."""
-        if self._buffered:
-            return {
-                name: self._buffers[id(p)]
-                for name, p in zip(self._names, self._params, strict=True)
-                if id(p) in self._buffers
-            }
-        return {
-            name: p.grad
-            for name, p in zip(self._names, self._params, strict=True)
-            if p.grad is not None
-        }
+    def inflight_items(self) -> torch.Tensor | None:
+        """The open window's device item count on this rank as one 0-d float64
+        tensor (NaN when a count was bad), or ``None`` without device counts."""
+        return self._items.export(self._device())
 
     def state_dict(self) -> dict[str, Any]:
         """Accumulation state, config and in-flight gradients (tensors), like a
         torch ``state_dict``. Only between microbatches."""
+        self._check_idle("save a state")
+        items = self.inflight_items()
         return {
             "accumulation": self._machine.state_dict(),
             "config": self.config.to_dict(),
-            "gradients": {n: t.detach().clone() for n, t in self._inflight().items()},
-            "items": None if self._items is None else self._items.detach().clone(),
+            "gradients": {n: t.detach().clone() for n, t in self._store.export().items()},
+            "items": None if items is None else items.detach().clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output. Everything is checked first:
-        on any mismatch nothing changes."""
+        """Restore `state_dict` output. Everything is checked first: on any
+        mismatch nothing changes."""
         self._check_idle("load a state")
-        from gradaccum.state import AccumulationState
-
+        if not isinstance(state, Mapping):
+            raise CheckpointMismatchError(
+                f"state must be a mapping from Accumulator.state_dict(), got {type(state).__name__}"
+            )
+        missing = sorted({"accumulation", "config"} - set(state))
+        if missing:
+            raise CheckpointMismatchError(
+                f"the state lacks {missing}; pass what Accumulator.state_dict() returned"
+            )
         parsed = AccumulationState.from_state_dict(state["accumulation"])
         saved_config = AccumulationConfig.from_dict(state["config"])
-        if parsed.position > 0 and saved_config.normalization != self.config.normalization:
+        gradients = state.get("gradients") or {}
+        items = state.get("items")
+        if items is not None and not isinstance(items, torch.Tensor):
+            raise CheckpointMismatchError(f"items={items!r} must be a tensor or None")
+        self.restore(parsed, saved_config, gradients, items)
+
+    def restore(
+        self,
+        state: AccumulationState,
+        saved_config: AccumulationConfig,
+        gradients: Mapping[str, torch.Tensor],
+        items: torch.Tensor | None,
+    ) -> None:
+        """Install a checkpoint's accumulation state, in-flight gradients and
+        device item count, after checking them against this accumulator:
+        a mid-window state needs the same normalization, gradient names and
+        shapes must match. Raises `CheckpointMismatchError` (nothing changed).
+        Checkpoint loaders call it last, once everything else is verified."""
+        self._check_idle("restore a state")
+        if state.position > 0 and saved_config.normalization != self.config.normalization:
             raise CheckpointMismatchError(
                 f"the state was saved mid-window under normalization="
                 f"{saved_config.normalization!r} but this accumulator uses "
                 f"{self.config.normalization!r}; resume with the same normalization"
             )
-        gradients = self._check_gradients(state.get("gradients") or {})
-        self._machine.load_state_dict(state["accumulation"])
-        self._apply_gradients(gradients)
-        items = state.get("items")
-        self._items = None if items is None else items.to(self._device())
-
-    def _device(self) -> torch.device:
-        return self._params[0].device if self._params else torch.device("cpu")
-
-    def _check_idle(self, what: str) -> None:
-        if self._decision is not None or self._machine.state.phase is not Phase.IDLE:
-            raise UsageError(f"cannot {what} inside a microbatch; do it between microbatches")
-
-    def _check_gradients(self, gradients: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        by_name = dict(zip(self._names, self._params, strict=True))
-        unknown = sorted(set(gradients) - set(by_name))
-        if unknown:
-            raise CheckpointMismatchError(
-                f"the checkpoint holds gradients for {unknown[:5]}, which this model/optimizer "
-                f"lacks; its parameters are {self._names[:5]}…; load it into the same model"
-            )
-        # In the model's parameter order, so the first mismatch reported is deterministic.
-        for name in (n for n in self._names if n in gradients):
-            tensor = gradients[name]
-            if tuple(tensor.shape) != tuple(by_name[name].shape):
-                raise CheckpointMismatchError(
-                    f"gradient {name!r} has shape {tuple(tensor.shape)} in the checkpoint but "
-                    f"the parameter has shape {tuple(by_name[name].shape)}"
-                )
-        return dict(gradients)
-
-    def _apply_gradients(self, gradients: Mapping[str, torch.Tensor]) -> None:
-        self._zero()
-        by_name = dict(zip(self._names, self._params, strict=True))
-        to_fp32 = self.config.accumulation_dtype == "float32"
-        for name, tensor in gradients.items():
-            param = by_name[name]
-            if self._buffered:
-                dtype = torch.float32 if to_fp32 else param.dtype
-                device = torch.device("cpu") if self.config.offload else param.device
-                self._buffers[id(param)] = tensor.to(device=device, dtype=dtype, copy=True)
-            else:
-                param.grad = tensor.to(device=param.device, dtype=param.dtype, copy=True)
+        self._store.check(gradients)
+        self.config.schedule.check_state(state.schedule_state)
+        self._machine.load_state_dict(state.state_dict())
+        self._store.load(gradients)
+        self._items.load(None if items is None else items.to(self._device()))
 
     def save(
         self,
@@ -586,10 +677,19 @@ class Accumulator:
         """Write a checkpoint in the shared format (``spec/checkpoint-v1.md``),
         atomically: the accumulation state, the in-flight gradients, and, as
         asked, the model, optimizer, scheduler and scaler state under canonical
-        names. Works at any point between microbatches, mid-window included."""
+        names. Works at any point between microbatches, mid-window included.
+
+        On several ranks an adapter must provide its own (``gradaccum_ddp``
+        gathers every rank's in-flight gradients)."""
         from gradaccum_torch.checkpoint import save_checkpoint
 
         self._check_idle("save a checkpoint")
+        if self._distributed.world_size > 1:
+            raise UsageError(
+                f"{type(self).__name__}.save() writes one rank's state; on "
+                f"{self._distributed.world_size} ranks use an adapter whose save() gathers "
+                f"every rank's in-flight gradients (gradaccum_ddp.DDPAccumulator)"
+            )
         save_checkpoint(
             self,
             path,
@@ -607,3 +707,137 @@ class Accumulator:
 
         self._check_idle("load a checkpoint")
         load_checkpoint(self, path)
+
+
+def _check_scheduler(scheduler: Any | None, optimizer: torch.optim.Optimizer) -> None:
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError(
+            "ReduceLROnPlateau steps on a metric, not once per optimizer step: do not pass it "
+            "as scheduler=; call scheduler.step(metric) yourself after validation"
+        )
+    if not callable(getattr(scheduler, "step", None)):
+        raise ConfigError(
+            f"scheduler={scheduler!r} has no step() method; pass a torch LR scheduler or None"
+        )
+    own = getattr(scheduler, "optimizer", optimizer)
+    if own is not optimizer:
+        raise ConfigError(
+            "the scheduler was built for another optimizer than the one given; build it "
+            "from this optimizer"
+        )
+
+
+_OPENED, _BACKWARD, _DONE = 0, 1, 2
+
+
+class _Microbatch:
+    """The context of one microbatch (`Accumulator.microbatch`)."""
+
+    __slots__ = ("acc", "count", "decision", "items", "last", "remaining", "stage", "sync")
+
+    def __init__(
+        self,
+        acc: Accumulator,
+        items: int | torch.Tensor | None,
+        last: bool | None,
+        remaining: int | None,
+    ) -> None:
+        self.acc = acc
+        self.items = items
+        self.last = last
+        self.remaining = remaining
+        self.count: torch.Tensor | None = None
+        self.stage = _OPENED
+        self.sync: contextlib.AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> Accumulator:
+        acc = self.acc
+        if acc._open is not None:
+            raise UsageError(
+                "a microbatch is already open: call backward() for it before starting another"
+            )
+        if len(acc.optimizer.param_groups) != acc._group_count:
+            acc._adopt_param_groups()
+        items = self.items
+        if isinstance(items, torch.Tensor):
+            check_count_tensor(items)
+            self.count = items.detach()
+            host: int | None = None
+        else:
+            host = items
+        machine = acc._machine
+        if self.last is None and self.remaining is None:
+            last, remaining = acc._next_last, acc._next_remaining
+        else:
+            last, remaining = bool(self.last), self.remaining
+        self.decision = decision = machine.begin(
+            host,
+            items_on_device=self.count is not None,
+            last_in_pass=last,
+            remaining_in_pass=remaining,
+        )
+        acc._next_last = False
+        acc._next_remaining = None
+        try:
+            acc._store.open_microbatch(decision.isolate, first=decision.index == 0)
+            self.sync = acc._distributed.no_sync(decision.sync_gradients)
+            self.sync.__enter__()
+        except BaseException:
+            acc._store.rollback()
+            machine.cancel()
+            raise
+        acc._open = self
+        return acc
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        acc = self.acc
+        acc._open = None
+        try:
+            if exc is not None:
+                self._undo(exc)
+        finally:
+            sync, self.sync = self.sync, None
+            if sync is not None:
+                sync.__exit__(exc_type, exc, tb)
+        if exc is None and self.stage != _DONE:
+            self._undo(None)
+            raise UsageError(
+                "the microbatch ended without acc.backward(loss); call it exactly once "
+                "inside `with acc.microbatch():`"
+            )
+
+    def _undo(self, exc: BaseException | None) -> None:
+        """The block raised (or never called backward): leave the window as before."""
+        acc = self.acc
+        if self.stage == _DONE:
+            return  # the microbatch completed; the exception came after it
+        machine = acc._machine
+        if self.stage == _OPENED:
+            if self.decision.isolate:
+                acc._store.rollback()
+            machine.cancel()
+            return
+        exact = acc._store.rollback()
+        machine.cancel()
+        if exact:
+            return
+        position = machine.state.position
+        machine.abandon()
+        acc._discard()
+        add_note = getattr(exc, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            add_note(
+                f"gradaccum: this microbatch failed inside backward after {position} earlier "
+                f"microbatch(es) of its window had accumulated into param.grad; its partial "
+                f"gradient cannot be separated from theirs, so the window was discarded "
+                f"(gradients zeroed, no step, stats.dropped_windows). For an exact rollback use "
+                f"accumulation_dtype='float32' or offload=True (the window then lives in a "
+                f"buffer), or resume from a checkpoint taken before the window"
+            )

@@ -1,11 +1,18 @@
-"""Save and load an :class:`~gradaccum_torch.Accumulator` in the shared
-checkpoint format (``spec/checkpoint-v1.md``): the core writes the directory
-atomically and verifies it on read; this module turns torch objects into
-safetensors bytes and JSON and back, keyed by canonical names. No pickle."""
+"""Save and load an `~gradaccum_torch.Accumulator` in the shared checkpoint
+format (``spec/checkpoint-v1.md``): the core writes the directory atomically
+and verifies it on read; this module turns torch objects into safetensors
+bytes and JSON and back, keyed by canonical names. No pickle.
+
+It uses only the accumulator's public API (``model``, ``optimizer``,
+``scheduler``, ``scaler``, ``machine``, ``gradients``, ``inflight_items``,
+``named_parameters``, ``restore``), so any adapter built on the contract
+saves and loads through it.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +20,7 @@ import torch
 import gradaccum_torch
 from gradaccum.checkpoint import Producer, read_checkpoint, write_checkpoint
 from gradaccum.config import AccumulationConfig
-from gradaccum.errors import CheckpointMismatchError
+from gradaccum.errors import CheckpointCorruptError, CheckpointMismatchError
 from gradaccum.state import AccumulationState
 from gradaccum_torch.naming import canonical_name
 from gradaccum_torch.tensor_io import (
@@ -21,6 +28,7 @@ from gradaccum_torch.tensor_io import (
     json_state,
     load_optimizer_state,
     optimizer_state,
+    split_aliases,
     tensors_from_bytes,
     tensors_to_bytes,
 )
@@ -28,7 +36,14 @@ from gradaccum_torch.tensor_io import (
 if TYPE_CHECKING:
     from gradaccum_torch.accumulator import Accumulator
 
-__all__ = ["gradient_role", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "collect",
+    "gradient_role",
+    "items_role",
+    "load_checkpoint",
+    "model_tensors",
+    "save_checkpoint",
+]
 
 
 def gradient_role(rank: int, world_size: int) -> str:
@@ -37,9 +52,19 @@ def gradient_role(rank: int, world_size: int) -> str:
     return "gradients" if world_size == 1 else f"gradients.rank{rank}"
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` under canonical names."""
-    return {canonical_name(k): v for k, v in model.state_dict().items()}
+def items_role(rank: int, world_size: int) -> str:
+    """The role of a rank's device item count of the open window: ``items`` on
+    one process, ``items.rank<r>`` on several."""
+    return "items" if world_size == 1 else f"items.rank{rank}"
+
+
+def model_tensors(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` under canonical names (``prefix`` stripped)."""
+    return {canonical_name(k, prefix): v for k, v in model.state_dict().items()}
+
+
+def _names_by_id(acc: Accumulator) -> dict[int, str]:
+    return {id(p): n for n, p in acc.named_parameters().items()}
 
 
 def collect(
@@ -55,17 +80,19 @@ def collect(
     """The files and metadata of a checkpoint of ``acc`` (this rank's gradients)."""
     files: dict[str, bytes] = {}
     metadata: dict[str, Any] = {}
-    inflight = acc._inflight()
+    inflight = acc.gradients.export()
     if inflight:
         files[gradient_role(rank, world_size)] = tensors_to_bytes(inflight)
-    if acc._items is not None:
-        files["items" if world_size == 1 else f"items.rank{rank}"] = tensors_to_bytes(
-            {"items": acc._items}
-        )
+    items = acc.inflight_items()
+    if items is not None:
+        files[items_role(rank, world_size)] = tensors_to_bytes({"items": items})
     if model:
-        files["model"] = tensors_to_bytes(model_tensors(acc.model))
+        tensors, aliases = split_aliases(model_tensors(acc.model, acc.framework.name_prefix))
+        files["model"] = tensors_to_bytes(tensors)
+        if aliases:
+            metadata["model"] = {"aliases": aliases}
     if optimizer:
-        tensors, meta = optimizer_state(acc.optimizer, acc._name_of)
+        tensors, meta = optimizer_state(acc.optimizer, _names_by_id(acc))
         files["optimizer"] = tensors_to_bytes(tensors)
         metadata["optimizer"] = meta
     if scheduler and acc.scheduler is not None:
@@ -87,7 +114,7 @@ def save_checkpoint(
     scheduler: bool = True,
     scaler: bool = True,
 ) -> None:
-    """Write ``acc``'s checkpoint atomically (see :meth:`Accumulator.save`)."""
+    """Write ``acc``'s checkpoint atomically (see `Accumulator.save`)."""
     files, metadata = collect(
         acc, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
     )
@@ -111,7 +138,7 @@ def load_checkpoint(acc: Accumulator, path: str | os.PathLike[str], *, rank: int
     ckpt = read_checkpoint(path)
     state = AccumulationState.from_state_dict(ckpt.state)
     saved_config = AccumulationConfig.from_dict(ckpt.config)
-    world = acc.machine.topology.world_size
+    world = acc.distributed.world_size
     mid_window = state.position > 0
     if mid_window and ckpt.world_size != world:
         raise CheckpointMismatchError(
@@ -127,23 +154,26 @@ def load_checkpoint(acc: Accumulator, path: str | os.PathLike[str], *, rank: int
         )
     role = gradient_role(rank, ckpt.world_size)
     gradients = tensors_from_bytes(ckpt.file_bytes(role)) if role in ckpt.roles else {}
-    gradients = acc._check_gradients(gradients)
-    items_role = "items" if ckpt.world_size == 1 else f"items.rank{rank}"
+    acc.gradients.check(gradients)
+    items_file = items_role(rank, ckpt.world_size)
     items = (
-        tensors_from_bytes(ckpt.file_bytes(items_role))["items"]
-        if items_role in ckpt.roles
+        _items_tensor(tensors_from_bytes(ckpt.file_bytes(items_file)), items_file)
+        if items_file in ckpt.roles
         else None
     )
+    prefix = acc.framework.name_prefix
     model_state = None
     if "model" in ckpt.roles:
-        model_state = _check_model(acc.model, tensors_from_bytes(ckpt.file_bytes("model")))
+        stored = tensors_from_bytes(ckpt.file_bytes("model"))
+        aliases = (ckpt.metadata.get("model") or {}).get("aliases") or {}
+        model_state = _check_model(acc.model, _with_aliases(stored, aliases), prefix)
     optim_state = None
     if "optimizer" in ckpt.roles:
         optim_state = load_optimizer_state(
             acc.optimizer,
             tensors_from_bytes(ckpt.file_bytes("optimizer")),
             ckpt.metadata["optimizer"],
-            acc._name_of,
+            _names_by_id(acc),
         )
     sched_meta = ckpt.metadata.get("scheduler")
     if (
@@ -165,17 +195,41 @@ def load_checkpoint(acc: Accumulator, path: str | os.PathLike[str], *, rank: int
     scaler_meta = ckpt.metadata.get("scaler")
     if scaler_meta is not None and acc.scaler is not None:
         acc.scaler.load_state_dict(from_json(dict(scaler_meta["state"])))
-    acc.machine.load_state_dict(dict(ckpt.state))
-    acc._apply_gradients(gradients)
-    acc._items = None if items is None else items.to(acc._device())
+    acc.restore(state, saved_config, gradients, items)
+
+
+def _items_tensor(tensors: Mapping[str, torch.Tensor], role: str) -> torch.Tensor:
+    count = tensors.get("items")
+    if set(tensors) != {"items"} or count is None or count.dim() != 0:
+        raise CheckpointCorruptError(
+            f"the {role!r} file must hold one 0-d tensor named 'items', got "
+            f"{ {k: tuple(v.shape) for k, v in tensors.items()} }"
+        )
+    return count
+
+
+def _with_aliases(
+    tensors: dict[str, torch.Tensor], aliases: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """The stored tensors plus every alias (a tied tensor stored once)."""
+    if not isinstance(aliases, Mapping):
+        raise CheckpointCorruptError(f"model aliases must be an object, got {aliases!r}")
+    out = dict(tensors)
+    for alias, name in aliases.items():
+        if not isinstance(name, str) or name not in tensors or alias in tensors:
+            raise CheckpointCorruptError(
+                f"model alias {alias!r} -> {name!r} does not name a stored tensor"
+            )
+        out[alias] = tensors[name]
+    return out
 
 
 def _check_model(
-    model: torch.nn.Module, tensors: dict[str, torch.Tensor]
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str
 ) -> dict[str, torch.Tensor]:
     """Map canonical names back to ``model``'s own keys, checking names and shapes."""
     live = model.state_dict()
-    by_canonical = {canonical_name(k): k for k in live}
+    by_canonical = {canonical_name(k, prefix): k for k in live}
     missing = sorted(set(by_canonical) - set(tensors))
     unexpected = sorted(set(tensors) - set(by_canonical))
     if missing or unexpected:

@@ -16,22 +16,34 @@ WRAPPER_SEGMENTS: tuple[str, ...] = (
 """Attribute names that wrappers insert; they never appear in canonical names."""
 
 
-def canonical_name(name: str) -> str:
-    """Strip every wrapper segment from a dotted parameter name.
+def canonical_name(name: str, prefix: str = "") -> str:
+    """Strip every wrapper segment from a dotted parameter name, then ``prefix``.
 
     ``"module._orig_mod.encoder.weight"`` becomes ``"encoder.weight"``. A model
     whose own submodule is literally called ``module`` loses that segment too;
     names stay unique because wrappers never add parameters of their own, and
-    :func:`named_parameters` refuses a model whose names would collide.
+    `named_parameters` refuses a model whose names would collide.
+    ``prefix`` (a framework's `~gradaccum_torch.Framework.name_prefix`, such as
+    ``"model."`` for a ``LightningModule`` holding the user's model as
+    ``self.model``) is removed from names that start with it, so the names are
+    the user's model's own and other stacks can read them.
     """
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+    parts = name.split(".")
+    if not any(part in WRAPPER_SEGMENTS for part in parts):
+        canonical = name
+    else:
+        canonical = ".".join(part for part in parts if part not in WRAPPER_SEGMENTS)
+    if prefix and canonical.startswith(prefix):
+        return canonical[len(prefix) :]
+    return canonical
 
 
-def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """``{canonical name: parameter}`` for every parameter of ``model``, in order."""
+def named_parameters(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Parameter]:
+    """``{canonical name: parameter}`` for every parameter of ``model``, in order
+    (a parameter shared by several modules, such as tied embeddings, once)."""
     out: dict[str, torch.nn.Parameter] = {}
     for raw, param in model.named_parameters():
-        name = canonical_name(raw)
+        name = canonical_name(raw, prefix)
         if name in out and out[name] is not param:
             from gradaccum.errors import ConfigError
 

@@ -21,6 +21,7 @@ __all__ = [
     "from_json",
     "load_optimizer_state",
     "optimizer_state",
+    "split_aliases",
     "tensors_from_bytes",
     "tensors_to_bytes",
     "to_json",
@@ -28,10 +29,53 @@ __all__ = [
 
 
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """A safetensors file (as bytes) holding CPU copies of ``tensors``."""
-    return safetensors.torch.save(
-        {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    )
+    """A safetensors file (as bytes) holding CPU copies of ``tensors``.
+
+    Tensors that share memory (safetensors refuses them) are stored as
+    separate copies; use `split_aliases` first to store tied tensors once.
+    """
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        host = tensor.detach().to("cpu").contiguous()
+        if host.numel():
+            ptr = host.untyped_storage().data_ptr()
+            if ptr in storages:
+                host = host.clone()
+            else:
+                storages.add(ptr)
+        out[name] = host
+    return safetensors.torch.save(out)
+
+
+def split_aliases(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tied tensors once: returns the tensors without the aliases, and
+    ``{alias: name}`` for every entry that is the same view of the same
+    memory as an earlier one (an embedding shared with the output head)."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            unique[name] = tensor
+            continue
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        first = seen.get(key)
+        if first is None:
+            seen[key] = name
+            unique[name] = tensor
+        else:
+            aliases[name] = first
+    return unique, aliases
 
 
 # safetensors' own parser of its header-plus-raw-buffer format: no pickle, no code run.
