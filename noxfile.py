@@ -187,4 +187,7 @@ def bench(session: nox.Session) -> None:
     # that depends on it: gradaccum-ddp[test] before gradaccum-torch[test] fails).
     packages = [name for name in LOCAL if name != "gradaccum-conformance"]
     session.install(*[arg for name in packages for arg in ("-e", LOCAL[name])])
+    # The tools bench_peers.py times against gradaccum-torch, pinned (their figures move with
+    # their versions); torch named again so that pip keeps the pinned wheel, never replaces it.
+    session.install(TORCH, "lightning==2.6.6", "accelerate==1.15.0")
     session.run("python", "benchmarks/run.py", *session.posargs)
