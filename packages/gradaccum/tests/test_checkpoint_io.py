@@ -163,7 +163,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert ck.world_size == 2
     assert ck.roles == ("gradients", "gradients.rank1", "optimizer")
     assert ck.manifest.format_version == FORMAT_VERSION == 1
-    assert ck.manifest.spec_version == SPEC_VERSION == "1.0.0"
+    assert ck.manifest.spec_version == SPEC_VERSION == "1.1.0"
     assert before <= ck.manifest.created_unix <= after
     assert ck.path == path
     assert ck.source == path
@@ -300,7 +300,7 @@ def test_concurrent_reader_sees_complete_checkpoints(tmp_path: Path) -> None:
     """CKPT-12: a reader racing a writer always gets one complete checkpoint:
     the state and the tensor bytes belong to the same write."""
     path = tmp_path / "c"
-    write(path, state=make_state(micro_steps=0))
+    write(path, state=make_state(micro_steps=0, dropped_microbatches=0))
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -308,7 +308,11 @@ def test_concurrent_reader_sees_complete_checkpoints(tmp_path: Path) -> None:
         try:
             for i in range(1, 40):
                 blob = encode_safetensors({"g": RawTensor("I64", (1,), struct.pack("<q", i))})
-                write(path, state=make_state(micro_steps=i), files={"gradients": blob})
+                write(
+                    path,
+                    state=make_state(micro_steps=i, dropped_microbatches=0),
+                    files={"gradients": blob},
+                )
                 time.sleep(0.001)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)

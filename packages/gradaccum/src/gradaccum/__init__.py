@@ -7,6 +7,7 @@ own the tensors and apply them.
 
 from __future__ import annotations
 
+from gradaccum.checkpoint.format import SPEC_VERSION
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import (
     CheckpointChecksumError,
@@ -46,8 +47,6 @@ from gradaccum.state import (
 from gradaccum.stats import AccumulationCallback, AccumulationListener, AccumulationStats
 
 __version__ = "0.1.0"
-SPEC_VERSION = "1.0.0"
-"""Version of ``spec/accumulation.md`` this release implements."""
 
 __all__ = [
     "SPEC_VERSION",

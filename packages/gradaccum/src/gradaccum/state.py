@@ -344,6 +344,17 @@ class AccumulationState:
                 f"accumulation state contributing={values['contributing']} exceeds "
                 f"position={values['position']}"
             )
+        if position == 0 and (values["items_in_window"] or values["device_items"]):
+            raise ConfigError(
+                f"accumulation state items_in_window={values['items_in_window']} / "
+                f"device_items={values['device_items']} with no window open (position=0) is "
+                f"impossible: a window's items are reset when it closes"
+            )
+        if values["dropped_microbatches"] > values["micro_steps"]:
+            raise ConfigError(
+                f"accumulation state dropped_microbatches={values['dropped_microbatches']} "
+                f"exceeds micro_steps={values['micro_steps']}"
+            )
         return cls(schedule_state=dict(data["schedule_state"]), **values)
 
 

@@ -56,7 +56,7 @@ __all__ = [
 #: The format version this release writes.
 FORMAT_VERSION = 1
 #: The version of ``spec/checkpoint-v1.md`` this release implements.
-SPEC_VERSION = "1.0.0"
+SPEC_VERSION = "1.1.0"
 #: Every format version this release reads.
 SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1})
 #: The value of the manifest's ``"format"`` key.
