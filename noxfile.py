@@ -158,6 +158,18 @@ def docs(session: nox.Session) -> None:
     )
     session.env["NO_MKDOCS_2_WARNING"] = "1"  # a vendor notice, not a build warning
     session.run("mkdocs", "build", "--strict", *session.posargs)
+    session.run("python", "-c", RAW_ROLES, "site")
+
+
+RAW_ROLES = """
+import re, sys, pathlib
+roles = re.compile(r':(?:py:)?(?:class|meth|func|attr|data|mod|exc|obj|const):`')
+bad = [(str(p), m.group(0)) for p in pathlib.Path(sys.argv[1]).rglob('*.html')
+       for m in roles.finditer(p.read_text(encoding='utf-8'))]
+for path, role in bad[:20]:
+    print(f'{path}: raw Sphinx role {role}... in the rendered site: write `Name` instead')
+sys.exit(1 if bad else 0)
+"""
 
 
 @nox.session(python="3.11", default=False)

@@ -48,7 +48,8 @@ from gradaccum.policies import (
 )
 from gradaccum.schedules import Schedule
 from gradaccum.stats import AccumulationListener
-from gradaccum_ddp._version import PRODUCER
+from gradaccum_ddp._version import PRODUCER, __version__
+from gradaccum_ddp.checkpoint import load_distributed, save_distributed
 from gradaccum_ddp.collectives import communication_errors
 from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_torch import Accumulator, BackwardResult
@@ -64,7 +65,7 @@ Lockstep = Literal["auto", "window", "pass"]
   needs nothing more; in any other pass every boundary compares the ranks'
   positions inside the boundary's one exchange (folded into the item-count
   collective under ``items``; one tiny all-gather under ``mean``/``sum``).
-  Ranks that diverge raise `~gradaccum.DistributedError` on every rank at
+  Ranks that diverge raise `DistributedError` on every rank at
   the next boundary, before anything is stepped.
 * ``"pass"``: only the pass-length check. Passes of unknown length are then
   not checked at all: ranks that diverge may pair the all-reduces of different
@@ -88,19 +89,21 @@ class DDPAccumulator(Accumulator):
     counters, learning rates and loss scales are identical on every rank (a
     non-finite gradient on one rank skips the step on all); ranks that would
     run different numbers of microbatches raise
-    `~gradaccum.errors.DistributedError` instead of hanging; a dead peer makes
-    the others raise `~gradaccum.errors.DistributedError` (within the
+    `DistributedError` instead of hanging; a dead peer makes
+    the others raise `DistributedError` (within the
     process-group timeout).
 
     Not supported on more than one rank: ``non_finite="drop_microbatch"`` (a
     microbatch dropped on one rank only would weight the reduced gradient
-    differently; the core raises `~gradaccum.errors.ConfigError`, use
+    differently; the core raises `ConfigError`, use
     ``"skip"``).
     ``accumulation_dtype="float32"``, ``offload`` and per-microbatch clipping
     accumulate outside ``param.grad``, so under them every microbatch runs
     under ``no_sync`` and the accumulated gradient is all-reduced once at the
     boundary instead (still one reduction per window).
     """
+
+    producer = (PRODUCER, __version__)
 
     def __init__(
         self,
@@ -202,7 +205,7 @@ class DDPAccumulator(Accumulator):
 
     def backward(self, loss: torch.Tensor) -> BackwardResult:
         """As `Accumulator.backward`; a failed gradient all-reduce (a dead
-        or stuck peer) raises `~gradaccum.errors.DistributedError`."""
+        or stuck peer) raises `DistributedError`."""
         communicates = self.sync_gradients
         guard = (
             communication_errors(
@@ -242,11 +245,9 @@ class DDPAccumulator(Accumulator):
         rank 0 then gathers every rank's in-flight gradients (mid-window they
         differ) as raw bytes, writes the directory atomically, and tells the
         others whether it succeeded. Raises
-        `~gradaccum.errors.DistributedError` on every rank if any rank
+        `DistributedError` on every rank if any rank
         failed; no checkpoint is then half-written.
         """
-        from gradaccum_ddp.checkpoint import save_distributed
-
         self._check_idle("save a checkpoint")
         save_distributed(
             self, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
@@ -257,7 +258,5 @@ class DDPAccumulator(Accumulator):
         takes its own in-flight gradients (``gradients.rank<r>``). Boundary
         checkpoints from any world size (and from gradaccum-torch) load; a
         mid-window checkpoint needs the world size it was written with."""
-        from gradaccum_ddp.checkpoint import load_distributed
-
         self._check_idle("load a checkpoint")
         load_distributed(self, path)

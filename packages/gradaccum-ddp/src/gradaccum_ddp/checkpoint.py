@@ -1,4 +1,4 @@
-"""Checkpoints of a :class:`~gradaccum_ddp.DDPAccumulator` in the shared format.
+"""Checkpoints of a `DDPAccumulator` in the shared format.
 
 One directory per checkpoint, written once, by rank 0, atomically
 (``spec/checkpoint-v1.md``): the common accumulation state and config, the
@@ -11,7 +11,7 @@ then records ``items_in_window = 0`` and ``device_items = true``, so the one
 state in the manifest is true for every rank and the count each rank resumes
 with is its own.
 
-The protocol (every rank calls :func:`save_distributed` at the same point):
+The protocol (every rank calls `save_distributed` at the same point):
 
 1. every rank serialises its own roles and all-gathers one row: a digest of
    the state and config it would write, whether it got this far, and the
@@ -21,7 +21,7 @@ The protocol (every rank calls :func:`save_distributed` at the same point):
 4. all ranks all-gather rank 0's verdict: the call returns on every rank only
    once the checkpoint is complete on disk, and raises on every rank if it
    is not. A rank that dies in between makes the others raise
-   :class:`~gradaccum.errors.DistributedError`; the target is then either
+   `DistributedError`; the target is then either
    absent or the previous complete checkpoint.
 """
 
@@ -37,7 +37,6 @@ import torch
 from gradaccum.checkpoint import MANIFEST_NAME, Producer, write_checkpoint
 from gradaccum.errors import DistributedError
 from gradaccum.lockstep import Tag, describe, digest
-from gradaccum_ddp._version import PRODUCER, __version__
 from gradaccum_ddp.collectives import (
     communication_errors,
     gather_bytes,
@@ -130,7 +129,7 @@ def save_distributed(
                 state=state,
                 config=config,
                 files=files,
-                producer=Producer(PRODUCER, __version__),
+                producer=Producer(*acc.producer),
                 world_size=world,
                 metadata=metadata,
             )
@@ -182,7 +181,7 @@ def _raise_failures(
 ) -> None:
     """Raise on every rank when the rows are not all ``tag`` (ranks out of step)
     or some rank reports a failure: this rank's own error where it failed, a
-    :class:`DistributedError` naming the failed ranks elsewhere."""
+    `DistributedError` naming the failed ranks elsewhere."""
     if any(row[0] != tag for row in rows):
         raise DistributedError(describe(rows))
     ok_at = 2 if tag == Tag.SAVE else 1

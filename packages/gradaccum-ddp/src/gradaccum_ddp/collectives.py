@@ -3,7 +3,7 @@
 All of them run on the DDP model's process group, on the backend's device
 (CUDA for NCCL, CPU otherwise). Every failure of a collective — a peer that
 died, a timeout of the process group — becomes a
-:class:`~gradaccum.errors.DistributedError` naming the operation and the fix.
+`DistributedError` naming the operation and the fix.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def is_communication_error(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def communication_errors(what: str, rank: int, *, always: bool = True) -> Iterator[None]:
-    """Turn a failed collective inside the block into a :class:`DistributedError`.
+    """Turn a failed collective inside the block into a `DistributedError`.
 
     ``always=False`` converts only errors that look like communication
     failures (for blocks that also run user code, such as a backward).
@@ -139,7 +139,7 @@ def average_(
 def gather_rows(
     row: Sequence[int], group: dist.ProcessGroup | None, device: torch.device
 ) -> list[list[int]]:
-    """All-gather one int64 row (at most :data:`ROW` integers) per rank; every
+    """All-gather one int64 row (at most `ROW` integers) per rank; every
     rank gets every rank's row, in rank order. One collective, one host read."""
     values = list(row) + [0] * (ROW - len(row))
     if len(values) != ROW:
@@ -156,7 +156,7 @@ def agree(
     device: torch.device,
     describe: Callable[[list[list[int]]], str],
 ) -> list[list[int]]:
-    """:func:`gather_rows`, then raise :class:`DistributedError` with
+    """`gather_rows`, then raise `DistributedError` with
     ``describe(rows)`` on every rank when the rows differ. Returns the rows."""
     rows = gather_rows(row, group, device)
     if any(r != rows[0] for r in rows):
@@ -196,13 +196,13 @@ def _to_bytes(tensor: torch.Tensor) -> bytes:
 
 def pack_files(files: Mapping[str, bytes]) -> bytes:
     """Concatenate ``{role: bytes}`` behind a JSON index (8-byte little-endian
-    length first). A plain, pickle-free container for :func:`gather_bytes`."""
+    length first). A plain, pickle-free container for `gather_bytes`."""
     index = json.dumps([[role, len(data)] for role, data in files.items()]).encode()
     return struct.pack("<Q", len(index)) + index + b"".join(files.values())
 
 
 def unpack_files(blob: bytes) -> dict[str, bytes]:
-    """Inverse of :func:`pack_files`."""
+    """Inverse of `pack_files`."""
     (size,) = struct.unpack_from("<Q", blob, 0)
     index = json.loads(blob[8 : 8 + size].decode())
     out: dict[str, bytes] = {}

@@ -1,12 +1,12 @@
 """Test utilities: count gradient reductions, launch real process groups.
 
-* :class:`ReductionCounter` counts every gradient reduction of a DDP model:
+* `ReductionCounter` counts every gradient reduction of a DDP model:
   each backward in which DDP all-reduced its buckets (seen through a
   communication hook that wraps DDP's default all-reduce), plus each
-  reduction a :class:`~gradaccum_ddp.DDPAccumulator` made itself. The
+  reduction a `DDPAccumulator` made itself. The
   conformance suite's distributed harness uses it to prove "exactly one
   reduction per window".
-* :func:`launch` runs a function on ``world_size`` fresh processes
+* `launch` runs a function on ``world_size`` fresh processes
   (``torch.multiprocessing``, spawn) with an initialised gloo process group on
   loopback, and never waits longer than its timeout: a hung rank is killed.
   Results travel through files the function writes, never through pickle.
@@ -103,7 +103,7 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class LaunchResult:
-    """What :func:`launch` saw: each rank's exit code (``None``: killed at the
+    """What `launch` saw: each rank's exit code (``None``: killed at the
     timeout), whether the timeout hit, and the wall time."""
 
     exitcodes: list[int | None]

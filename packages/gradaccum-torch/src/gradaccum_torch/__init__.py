@@ -18,12 +18,11 @@ from gradaccum import (
     GradientWeights,
     TargetBatch,
 )
-from gradaccum_torch.accumulator import PRODUCER, Accumulator
+from gradaccum_torch._version import PRODUCER, __version__
+from gradaccum_torch.accumulator import Accumulator
 from gradaccum_torch.boundary import BackwardResult
 from gradaccum_torch.contract import Distributed, Framework, SingleProcess, TorchFramework
 from gradaccum_torch.naming import canonical_name, named_parameters
-
-__version__ = "0.1.0"
 
 __all__ = [
     "PRODUCER",

@@ -48,6 +48,7 @@ from gradaccum.schedules import Schedule
 from gradaccum.state import AccumulationState, Phase, Topology
 from gradaccum.stats import AccumulationListener, AccumulationStats
 from gradaccum_torch import grads as G
+from gradaccum_torch._version import PRODUCER, __version__
 from gradaccum_torch.boundary import (
     NOT_A_BOUNDARY,
     BackwardResult,
@@ -55,6 +56,7 @@ from gradaccum_torch.boundary import (
     exchange_row,
     positions,
 )
+from gradaccum_torch.checkpoint import load_checkpoint, save_checkpoint
 from gradaccum_torch.contract import Distributed, Framework, SingleProcess, TorchFramework
 from gradaccum_torch.gradients import GradientStore, gradient_store
 from gradaccum_torch.items import ItemCounter, check_count_tensor
@@ -63,8 +65,6 @@ from gradaccum_torch.naming import named_parameters
 __all__ = ["Accumulator", "BackwardResult"]
 
 T = TypeVar("T")
-
-PRODUCER = "gradaccum-torch"
 
 _CONFIG_OPTIONS = (
     "schedule",
@@ -112,11 +112,11 @@ class Accumulator:
             ``model``. A param group added later with ``add_param_group`` is
             adopted at the next microbatch.
         steps: microbatches per window (shorthand for ``schedule=Fixed(steps)``).
-        config: a full `~gradaccum.AccumulationConfig`; exclusive with
+        config: a full `AccumulationConfig`; exclusive with
             ``steps`` and the option keywords below.
         schedule, normalization, partial_window, non_finite, clip, weights,
             accumulation_dtype, offload, micro_batch_size: the
-            `~gradaccum.AccumulationConfig` options (see there); unset ones
+            `AccumulationConfig` options (see there); unset ones
             keep the config's defaults.
         scheduler: an LR scheduler stepped exactly once per successful
             optimizer step (ACC-S3), never on microbatches or skipped steps.
@@ -136,12 +136,12 @@ class Accumulator:
             you read it. Always on when clipping by norm; off by default
             because the non-finite check has a cheaper fused kernel.
         distributed: the adapter contract's distributed side
-            (`~gradaccum_torch.contract.Distributed`); one process by default.
+            (`Distributed`); one process by default.
         framework: the adapter contract's framework side
-            (`~gradaccum_torch.contract.Framework`); plain torch by default
+            (`Framework`); plain torch by default
             (then built from ``optimizer``, ``scheduler`` and ``scaler``).
 
-    An unknown keyword raises `~gradaccum.ConfigError` naming the closest
+    An unknown keyword raises `ConfigError` naming the closest
     valid one (and ``mypy`` flags it).
 
     Promises (spec ``ACC-…``): the parameters after each window equal one
@@ -150,6 +150,9 @@ class Accumulator:
     and at most one device-to-host read at a boundary; in the default
     configuration no buffer besides ``param.grad``.
     """
+
+    producer: tuple[str, str] = (PRODUCER, __version__)
+    """The (name, version) checkpoints written by this adapter record."""
 
     def __init__(
         self,
@@ -396,7 +399,7 @@ class Accumulator:
 
         On several ranks with ``len()``, the ranks first compare the pass
         length in one small collective (ACC-D5): ranks that would run
-        different numbers of microbatches raise `~gradaccum.DistributedError`
+        different numbers of microbatches raise `DistributedError`
         on every rank before any microbatch runs; the windows of such a pass
         need no comparison at their boundaries."""
         try:
@@ -681,8 +684,6 @@ class Accumulator:
 
         On several ranks an adapter must provide its own (``gradaccum_ddp``
         gathers every rank's in-flight gradients)."""
-        from gradaccum_torch.checkpoint import save_checkpoint
-
         self._check_idle("save a checkpoint")
         if self._distributed.world_size > 1:
             raise UsageError(
@@ -703,8 +704,6 @@ class Accumulator:
         """Restore a checkpoint written by any gradaccum adapter. Every file is
         verified and every name and shape checked against this model before
         anything is changed."""
-        from gradaccum_torch.checkpoint import load_checkpoint
-
         self._check_idle("load a checkpoint")
         load_checkpoint(self, path)
 

@@ -11,7 +11,7 @@ every rank's position (one collective for all three, ACC-D3, ACC-D5).
 
 A failure before the commit (a bad device item count, ranks out of step, an
 exception from a collective) discards the window — gradients zeroed, the
-core's `~gradaccum.AccumulationMachine.abandon` — so the accumulator is
+core's `abandon` — so the accumulator is
 never left stuck at a boundary.
 """
 
@@ -68,7 +68,7 @@ def positions(rows: Sequence[Sequence[float]]) -> list[list[int]]:
 
 @dataclass(frozen=True, slots=True)
 class BackwardResult:
-    """What one `~gradaccum_torch.Accumulator.backward` call did.
+    """What one `backward` call did.
 
     Attributes:
         boundary: the microbatch closed its window.
@@ -145,8 +145,7 @@ def close_window(
             G.scale_(grads, window.grad_multiplier / world_total.clamp(min=1.0))
         else:
             G.scale_(grads, window.grad_multiplier)
-        store.finish()
-        final = store.gradients()
+        final = store.finish()
 
         # (3) unscale, unless the framework's step does it (then work in the scaled domain).
         scale: torch.Tensor | None = None
@@ -169,17 +168,20 @@ def close_window(
             by_norm = clip is not None and clip.mode == "norm"
             if by_norm or track_grad_norm:
                 norm = G.total_norm(final, clip.norm_type if clip is not None and by_norm else 2.0)
-                flag = (~torch.isfinite(norm)).to(torch.float64)
+                flag = ~torch.isfinite(norm)
             elif found is not None:
-                flag = found.to(torch.float64)
+                flag = found
             else:
-                flag = G.nonfinite_flag(final).to(torch.float64).reshape(())
-        pieces = [] if flag is None else [flag.reshape(1)]
-        if gathered is not None:
-            pieces.append(gathered.reshape(-1))
+                flag = G.nonfinite_flag(final)
         values: list[float] = []
-        if pieces:
-            values = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).tolist()
+        if gathered is None:
+            if flag is not None:
+                values = [float(flag.item())]  # the default path: one scalar
+        else:
+            pieces = [gathered.reshape(-1)]
+            if flag is not None:
+                pieces.insert(0, flag.to(torch.float64).reshape(1))
+            values = torch.cat(pieces).tolist()
         nonfinite = flag is not None and values[0] > 0
         world_items: int | None = None
         if gathered is not None:

@@ -1,4 +1,4 @@
-"""Save and load an `~gradaccum_torch.Accumulator` in the shared checkpoint
+"""Save and load an `Accumulator` in the shared checkpoint
 format (``spec/checkpoint-v1.md``): the core writes the directory atomically
 and verifies it on read; this module turns torch objects into safetensors
 bytes and JSON and back, keyed by canonical names. No pickle.
@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-import gradaccum_torch
 from gradaccum.checkpoint import Producer, read_checkpoint, write_checkpoint
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import CheckpointCorruptError, CheckpointMismatchError
@@ -123,7 +122,7 @@ def save_checkpoint(
         state=acc.machine.state_dict(),
         config=acc.config.to_dict(),
         files=files,
-        producer=Producer(gradaccum_torch.PRODUCER, gradaccum_torch.__version__),
+        producer=Producer(*acc.producer),
         world_size=1,
         metadata=metadata,
     )

@@ -1,7 +1,7 @@
 """The adapter contract: two small protocols every torch adapter implements.
 
 An adapter — ours (DDP, Lightning, Fabric, Accelerate) or a third party's —
-is an `~gradaccum_torch.Accumulator` given two objects:
+is an `Accumulator` given two objects:
 
 * a `Distributed`: how this rank talks to the others (world size, whether
   the gradient reduction averages, the no-sync context around forward and
@@ -26,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 __all__ = ["Distributed", "Framework", "SingleProcess", "TorchFramework"]
+
+_NOTHING: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
 @runtime_checkable
@@ -147,7 +149,7 @@ class SingleProcess:
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         """No communication to suppress."""
-        return contextlib.nullcontext()
+        return _NOTHING
 
     def reduce_gradients(self, grads: Sequence[torch.Tensor]) -> None:
         """One rank: already reduced."""

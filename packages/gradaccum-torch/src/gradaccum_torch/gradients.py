@@ -87,12 +87,9 @@ class GradientStore(abc.ABC):
     def window_gradients(self) -> list[torch.Tensor]:
         """The accumulated window gradient, to reduce and normalize in place."""
 
-    def finish(self) -> None:  # noqa: B027 (a no-op unless the store keeps buffers)
+    def finish(self) -> list[torch.Tensor]:
         """Put the window gradient in ``param.grad`` for the step (in the
-        parameter's dtype and device). In-place stores hold it there already."""
-
-    def gradients(self) -> list[torch.Tensor]:
-        """The parameters' ``.grad`` tensors (after `finish`)."""
+        parameter's dtype and device) and return those ``.grad`` tensors."""
         return [p.grad for p in self.params if p.grad is not None]
 
     @abc.abstractmethod
@@ -248,11 +245,14 @@ class BufferedGradients(GradientStore):
     def window_gradients(self) -> list[torch.Tensor]:
         return [self._buffers[id(p)] for p in self.params if id(p) in self._buffers]
 
-    def finish(self) -> None:
+    def finish(self) -> list[torch.Tensor]:
+        out = []
         for param in self.params:
             buf = self._buffers.get(id(param))
             if buf is not None:
-                param.grad = buf.to(device=param.device, dtype=param.dtype)
+                param.grad = grad = buf.to(device=param.device, dtype=param.dtype)
+                out.append(grad)
+        return out
 
     def zero(self) -> None:
         for param in self.params:

@@ -23,7 +23,7 @@ def canonical_name(name: str, prefix: str = "") -> str:
     whose own submodule is literally called ``module`` loses that segment too;
     names stay unique because wrappers never add parameters of their own, and
     `named_parameters` refuses a model whose names would collide.
-    ``prefix`` (a framework's `~gradaccum_torch.Framework.name_prefix`, such as
+    ``prefix`` (a framework's `name_prefix`, such as
     ``"model."`` for a ``LightningModule`` holding the user's model as
     ``self.model``) is removed from names that start with it, so the names are
     the user's model's own and other stacks can read them.

@@ -91,7 +91,7 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 def to_json(value: Any, where: str) -> Any:
     """``value`` as strict JSON: non-finite floats become ``{"float": "inf"}``,
     tuples become lists, 0-d tensors become numbers. Raises
-    :class:`CheckpointError` naming ``where`` for anything else."""
+    `CheckpointError` naming ``where`` for anything else."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -114,7 +114,7 @@ def to_json(value: Any, where: str) -> Any:
 
 
 def from_json(value: Any) -> Any:
-    """Inverse of :func:`to_json` for floats (lists stay lists)."""
+    """Inverse of `to_json` for floats (lists stay lists)."""
     if isinstance(value, dict):
         if set(value) == {"float"} and value["float"] in ("inf", "-inf", "nan"):
             return float(value["float"])
@@ -170,7 +170,7 @@ def load_optimizer_state(
     meta: Mapping[str, Any],
     names: Mapping[int, str],
 ) -> dict[str, Any]:
-    """Rebuild a ``state_dict`` for ``optimizer`` from :func:`optimizer_state`
+    """Rebuild a ``state_dict`` for ``optimizer`` from `optimizer_state`
     output, checking class, groups and parameter names first. Returns the
     state dict; the caller applies it with ``optimizer.load_state_dict``."""
     ordered = _param_names(optimizer, names)

@@ -43,12 +43,12 @@ class AccumulationConfig:
     """Everything that decides *what* accumulation computes.
 
     Build it with keywords (``AccumulationConfig(steps=4)`` is shorthand for
-    ``schedule=Fixed(4)``) or from JSON with :meth:`from_dict`. Construction
-    validates every field and raises :class:`~gradaccum.errors.ConfigError`
+    ``schedule=Fixed(4)``) or from JSON with `from_dict`. Construction
+    validates every field and raises `ConfigError`
     naming the bad value and the fix; a config that exists is valid.
 
     Attributes:
-        schedule: microbatches per window (:mod:`gradaccum.schedules`).
+        schedule: microbatches per window (`gradaccum.schedules`).
         normalization: ``"mean"`` (default), ``"items"`` or ``"sum"``.
         partial_window: a pass that ends inside a window ``"step"``s it
             exactly (default), ``"drop"``s it, or ``"carry"``s it into the
@@ -166,7 +166,7 @@ class AccumulationConfig:
         return AccumulationConfig(**current)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form; :meth:`from_dict` inverts it exactly."""
+        """JSON-serialisable form; `from_dict` inverts it exactly."""
         return {
             "schedule": self.schedule.to_dict(),
             "normalization": self.normalization,
@@ -181,7 +181,7 @@ class AccumulationConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AccumulationConfig:
-        """Parse and validate the JSON form written by :meth:`to_dict`."""
+        """Parse and validate the JSON form written by `to_dict`."""
         _known_keys("config", data, _KEYS)
         if "schedule" not in data:
             raise ConfigError(

@@ -1,6 +1,6 @@
 """The exception hierarchy.
 
-Every error gradaccum raises on purpose is a :class:`GradAccumError`. Each
+Every error gradaccum raises on purpose is a `GradAccumError`. Each
 message names the problem, the value that was seen, and the fix. Errors about
 bad input are raised *before* any state changes: a call that raises leaves the
 accumulator, the model, the optimizer and any checkpoint on disk exactly as

@@ -48,7 +48,7 @@ ClipMode: TypeAlias = Literal["norm", "value"]
 
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
-    """Return ``value`` if it is in ``allowed``; else raise :class:`ConfigError` naming it."""
+    """Return ``value`` if it is in ``allowed``; else raise `ConfigError` naming it."""
     if not isinstance(value, str) or value not in allowed:
         choices = ", ".join(repr(a) for a in allowed)
         raise ConfigError(f"{name}={value!r} is not a known choice; use one of {choices}")
@@ -111,7 +111,7 @@ class ClipPolicy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClipPolicy:
-        """Inverse of :meth:`to_dict`; raises :class:`ConfigError` on unknown keys."""
+        """Inverse of `to_dict`; raises `ConfigError` on unknown keys."""
         _known_keys("clip", data, ("mode", "max", "norm_type", "per_microbatch"))
         norm_type = data.get("norm_type", 2.0)
         if norm_type == "inf":
@@ -195,7 +195,7 @@ class GradientWeights:
 
         ``names[i]`` is parameter i's canonical name, ``groups[i]`` the index
         of its optimizer group, ``group_names[g]`` group g's optional name.
-        Raises :class:`ConfigError` if a pattern matches no parameter or a
+        Raises `ConfigError` if a pattern matches no parameter or a
         group key names no group — a typo must not silently do nothing.
         """
         if len(names) != len(groups):
@@ -244,7 +244,7 @@ class GradientWeights:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GradientWeights:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of `to_dict`."""
         _known_keys("weights", data, ("by_name", "by_group"))
         by_group: dict[int | str, float] = {}
         for key, weight in cast(Mapping[str, float], data.get("by_group", {})).items():

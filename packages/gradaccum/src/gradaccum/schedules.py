@@ -49,7 +49,7 @@ class Schedule(ABC):
         return {}
 
     def check_state(self, schedule_state: Mapping[str, Any]) -> None:
-        """Raise :class:`ConfigError` unless ``schedule_state`` is one this
+        """Raise `ConfigError` unless ``schedule_state`` is one this
         schedule can be in (stateless schedules accept only ``{}``)."""
         if schedule_state:
             raise ConfigError(
@@ -59,7 +59,7 @@ class Schedule(ABC):
 
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        """JSON form, with a ``"kind"`` key that :func:`schedule_from_dict` reads."""
+        """JSON form, with a ``"kind"`` key that `schedule_from_dict` reads."""
 
     @property
     def requires_items(self) -> bool:
@@ -297,7 +297,7 @@ class AdaptiveMicrobatch(Schedule):
     def after_oom(self, schedule_state: Mapping[str, Any]) -> dict[str, Any]:
         """The state after an out-of-memory error: the microbatch size halves.
 
-        Raises :class:`ConfigError` when already at ``min_micro_batch``,
+        Raises `ConfigError` when already at ``min_micro_batch``,
         because no smaller microbatch is allowed.
         """
         micro = self.current(schedule_state)
@@ -357,7 +357,7 @@ _SCHEDULE_KEYS = {
 
 
 def schedule_from_dict(data: Mapping[str, Any]) -> Schedule:
-    """Rebuild a schedule from :meth:`Schedule.to_dict` output."""
+    """Rebuild a schedule from `Schedule.to_dict` output."""
     if not isinstance(data, Mapping) or "kind" not in data:
         raise ConfigError(f"schedule {data!r} needs a 'kind' key; one of {sorted(_KINDS)}")
     kind = data["kind"]

@@ -169,7 +169,7 @@ class CommitDecision:
         step_scheduler: step the LR scheduler: exactly when the optimizer
             stepped (ACC-S3).
         raise_error: the non-finite policy is ``raise``: after zeroing the
-            gradients, raise :class:`~gradaccum.errors.NonFiniteGradientError`.
+            gradients, raise `NonFiniteGradientError`.
     """
 
     outcome: Outcome
@@ -183,7 +183,7 @@ class PassDecision:
     """What the end of a pass does with an open window.
 
     ``action`` is ``"none"`` (no window open), ``"close"`` (policy ``step``:
-    apply ``window`` as at a boundary, then :func:`commit`), ``"discard"``
+    apply ``window`` as at a boundary, then `commit`), ``"discard"``
     (policy ``drop``: zero the gradients) or ``"carry"`` (keep them; the
     window continues in the next pass).
     ``check_ranks``: on several ranks whose pass length was not agreed
@@ -258,7 +258,7 @@ class AccumulationState:
     def state_dict(self) -> dict[str, Any]:
         """The JSON form saved in checkpoints (``state`` in the manifest).
 
-        Raises :class:`UsageError` unless the machine is between microbatches.
+        Raises `UsageError` unless the machine is between microbatches.
         """
         if self.phase is not Phase.IDLE:
             raise UsageError(
@@ -286,7 +286,7 @@ class AccumulationState:
 
     @classmethod
     def from_state_dict(cls, data: Mapping[str, Any]) -> AccumulationState:
-        """Parse and validate :meth:`state_dict` output; raises :class:`ConfigError`."""
+        """Parse and validate `state_dict` output; raises `ConfigError`."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"accumulation state must be a mapping, got {type(data).__name__}")
         # ``device_items`` is optional in the v1 format: absent means False.

@@ -57,7 +57,7 @@ class AccumulationStats:
 @runtime_checkable
 class AccumulationListener(Protocol):
     """Receives accumulation events. Implement any subset by subclassing
-    :class:`AccumulationCallback`, whose methods do nothing."""
+    `AccumulationCallback`, whose methods do nothing."""
 
     def on_microbatch(self, stats: AccumulationStats) -> None:
         """After every microbatch's backward (before the boundary's step)."""

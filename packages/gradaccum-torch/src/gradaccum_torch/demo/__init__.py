@@ -7,7 +7,7 @@ thing with feathers") three times, from the same initialisation on the same data
 
 (a) one large batch per optimizer step, loss = mean over the batch's real tokens;
 (b) the same batch as microbatches of unequal token counts through
-    :class:`~gradaccum_torch.Accumulator` with ``normalization="items"``: each loss is a sum
+    `Accumulator` with ``normalization="items"``: each loss is a sum
     over tokens, and the window gradient is divided by the window's token count;
 (c) the usual hand-written loop, ``(token_mean_loss / k).backward()``: a mean of
     per-microbatch means, which weights a short microbatch's tokens more than a long one's.
@@ -144,7 +144,7 @@ class RunResult:
 
 @dataclass
 class DemoResult:
-    """Everything the demo measured (returned by :func:`run_demo`)."""
+    """Everything the demo measured (returned by `run_demo`)."""
 
     runs: dict[str, RunResult]
     deviations: dict[str, float]
@@ -342,7 +342,7 @@ def run_demo(
 ) -> DemoResult:
     """Train the three runs and write ``out/loss.png`` and ``out/checkpoint``.
 
-    Pure measurement: prints nothing (except the progress bars on stderr); see :func:`main`.
+    Pure measurement: prints nothing (except the progress bars on stderr); see `main`.
     """
     if steps < 1 or microbatches < 2 or batch % microbatches:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""``python -m gradaccum_torch.demo``: see :mod:`gradaccum_torch.demo`."""
+"""``python -m gradaccum_torch.demo``: see `gradaccum_torch.demo`."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ The new content is written into a temporary sibling ``.<name>.tmp-<random>``
   name) is deleted;
 * otherwise: ``rename(target, .<name>.old-<random>)`` then
   ``rename(tmp, target)``. A crash between the two leaves no ``target`` but a
-  complete ``.old-`` sibling, which :func:`locate` returns to readers.
+  complete ``.old-`` sibling, which `locate` returns to readers.
 
 The parent directory is fsynced after each rename. A crash at any moment
 therefore leaves at ``target`` (or, in the fallback's one gap, at the
@@ -17,9 +17,9 @@ therefore leaves at ``target`` (or, in the fallback's one gap, at the
 Leftover temporaries are ignored by readers and removed by the next write.
 Only one writer per target at a time is supported.
 
-For crash tests only, :data:`_stage_hook` (``None`` in normal use) is called
+For crash tests only, `_stage_hook` (``None`` in normal use) is called
 with the name of each stage the write reaches, so that a test can stop a
-writer at every stage in turn; see :func:`_stage`.
+writer at every stage in turn; see `_stage`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ _stage_hook: Callable[[str], None] | None = None
 
 def _stage(stage: str, name: str = "") -> None:
     """Report ``stage`` (``"<stage>:<name>"`` when ``name`` is given) to
-    :data:`_stage_hook`. The stages, in order (those that do not apply are
+    `_stage_hook`. The stages, in order (those that do not apply are
     skipped):
 
     ``tmp-created``
@@ -182,7 +182,7 @@ def _remove(path: Path, stage: str | None = None) -> None:
 def replace_directory(target: Path, files: Mapping[str, bytes]) -> None:
     """Atomically make ``target`` a directory holding exactly ``files``
     (file name -> bytes). The caller has validated everything and checked
-    that replacing ``target`` is allowed. Raises :class:`OSError` on a disk
+    that replacing ``target`` is allowed. Raises `OSError` on a disk
     failure; then ``target`` is unchanged and the temporary is removed."""
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)

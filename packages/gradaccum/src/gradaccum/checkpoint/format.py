@@ -1,15 +1,15 @@
 """The manifest of a checkpoint: constants, typed records and their validation.
 
-:meth:`Manifest.from_json_dict` is the single gate every manifest passes
+`Manifest.from_json_dict` is the single gate every manifest passes
 through, on read and (before anything is written) on write: the format
 version (CKPT-3), the JSON Schema (CKPT-2) and the rules the schema cannot
 express (integers written as integers, CKPT-2; file paths, CKPT-4; the
 accumulation state and config, CKPT-9 and CKPT-10).
 
-The state and config rules are not restated here: :func:`check_state_and_config`
-runs the core's own parsers — :meth:`AccumulationState.from_state_dict`,
-:meth:`AccumulationConfig.from_dict` and the schedule's ``check_state``, the
-checks :meth:`AccumulationMachine.load_state_dict` makes — so a checkpoint that
+The state and config rules are not restated here: `check_state_and_config`
+runs the core's own parsers — `AccumulationState.from_state_dict`,
+`AccumulationConfig.from_dict` and the schedule's ``check_state``, the
+checks `AccumulationMachine.load_state_dict` makes — so a checkpoint that
 validates is one every adapter can load, and the invariants live in one place.
 """
 
@@ -119,7 +119,7 @@ class Manifest:
 
     ``state``, ``config`` and ``metadata`` are read-only views of plain JSON
     values (do not mutate nested lists or objects). Build one from parsed JSON
-    with :meth:`from_json_dict`, which validates everything; :meth:`to_json_dict`
+    with `from_json_dict`, which validates everything; `to_json_dict`
     inverts it exactly.
     """
 
@@ -171,15 +171,15 @@ class Manifest:
 
     @classmethod
     def from_json_dict(cls, data: Any) -> Manifest:
-        """Validate parsed manifest JSON and build a :class:`Manifest`.
+        """Validate parsed manifest JSON and build a `Manifest`.
 
-        Raises :class:`~gradaccum.errors.CheckpointVersionError` for a format
+        Raises `CheckpointVersionError` for a format
         version this release cannot read, and
-        :class:`~gradaccum.errors.CheckpointCorruptError` for anything else
+        `CheckpointCorruptError` for anything else
         (not an object, wrong ``format``, a schema violation — with the JSON
         path of the value — a state or config that
-        :meth:`AccumulationState.from_state_dict`,
-        :meth:`AccumulationConfig.from_dict` or the schedule's ``check_state``
+        `AccumulationState.from_state_dict`,
+        `AccumulationConfig.from_dict` or the schedule's ``check_state``
         refuses, a file path that is not ``<role>.safetensors``).
         """
         return validate_manifest_dict(data, "manifest")
@@ -200,7 +200,7 @@ def _freeze(value: Mapping[str, Any]) -> Mapping[str, Any]:
 def to_json_value(value: Any, where: str) -> Any:
     """A deep copy of ``value`` as plain JSON (tuples become lists).
 
-    Raises :class:`~gradaccum.errors.UsageError` naming the location for a
+    Raises `UsageError` naming the location for a
     key that is not a string, a float that is not finite, or a value of a
     type JSON cannot hold: those would not survive a round trip unchanged.
     """
@@ -247,7 +247,7 @@ def _reject_constant(name: str) -> Any:
 
 def parse_manifest_bytes(raw: bytes, where: str) -> Manifest:
     """Decode ``manifest.json`` bytes (strict JSON: UTF-8, no duplicate keys,
-    no ``NaN``) and validate them with :meth:`Manifest.from_json_dict`.
+    no ``NaN``) and validate them with `Manifest.from_json_dict`.
     ``where`` prefixes error messages."""
     try:
         data = json.loads(
@@ -297,7 +297,7 @@ def _check_version(data: dict[str, Any], where: str, fix: str) -> None:
 
 
 def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
-    """:meth:`Manifest.from_json_dict` with ``where`` prefixing each error
+    """`Manifest.from_json_dict` with ``where`` prefixing each error
     message and ``fix`` ending it."""
     if not isinstance(data, dict):
         raise CheckpointCorruptError(
@@ -371,15 +371,15 @@ def check_state_and_config(
 ) -> tuple[AccumulationState, AccumulationConfig]:
     """Parse a manifest's ``state`` and ``config`` exactly as a resuming
     adapter does and return them; raise
-    :class:`~gradaccum.errors.CheckpointCorruptError` when an adapter would
+    `CheckpointCorruptError` when an adapter would
     refuse them (CKPT-9, CKPT-10).
 
     The checks are the core's, not copies of them:
-    :meth:`AccumulationState.from_state_dict` (keys, types, counters >= 0 and
-    the invariants between them), :meth:`AccumulationConfig.from_dict`, and
+    `AccumulationState.from_state_dict` (keys, types, counters >= 0 and
+    the invariants between them), `AccumulationConfig.from_dict`, and
     ``config.schedule.check_state(state.schedule_state)``, as
-    :meth:`AccumulationMachine.load_state_dict` runs it. The core's message is
-    kept verbatim; the :class:`~gradaccum.errors.ConfigError` is chained.
+    `AccumulationMachine.load_state_dict` runs it. The core's message is
+    kept verbatim; the `ConfigError` is chained.
     """
     try:
         parsed = AccumulationState.from_state_dict(state)

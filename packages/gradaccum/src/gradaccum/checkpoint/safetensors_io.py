@@ -7,8 +7,8 @@ object of string to string; writers may pad it with trailing spaces), then the
 data buffer. ``data_offsets`` are ``[begin, end)`` byte offsets into the
 buffer.
 
-:func:`read_safetensors_header` refuses anything the format does not allow
-(spec promise CKPT-6): a header length beyond :data:`MAX_HEADER_BYTES` or
+`read_safetensors_header` refuses anything the format does not allow
+(spec promise CKPT-6): a header length beyond `MAX_HEADER_BYTES` or
 beyond the file, a header that is not a JSON object, an unknown dtype, a byte
 range that does not equal ``prod(shape) * itemsize``, ranges that overlap,
 leave gaps, or do not cover the buffer exactly. It never executes code and
@@ -74,7 +74,7 @@ class RawTensor:
     """One tensor as bytes: ``dtype`` (a safetensors dtype name such as
     ``"F32"``), ``shape`` and ``data`` (C-contiguous, little-endian,
     ``prod(shape) * itemsize`` bytes). Construction checks all three and
-    raises :class:`~gradaccum.errors.UsageError` on a mismatch."""
+    raises `UsageError` on a mismatch."""
 
     dtype: str
     shape: tuple[int, ...]
@@ -104,7 +104,7 @@ class RawTensor:
 
     @property
     def nbytes(self) -> int:
-        """Size of :attr:`data` in bytes."""
+        """Size of `data` in bytes."""
         return len(self.data)
 
 
@@ -112,7 +112,7 @@ class RawTensor:
 class TensorInfo:
     """One entry of a safetensors header: ``begin`` and ``end`` are byte
     offsets into the data buffer (which starts at
-    :attr:`SafetensorsHeader.data_start` in the file)."""
+    `SafetensorsHeader.data_start` in the file)."""
 
     dtype: str
     shape: tuple[int, ...]
@@ -303,7 +303,7 @@ def read_safetensors_header(
     ``source`` is the whole file's bytes, or a path (then only the header is
     read, and the data buffer is checked against the file's size). ``name``
     labels the file in error messages. Raises
-    :class:`~gradaccum.errors.CheckpointCorruptError` naming the problem and
+    `CheckpointCorruptError` naming the problem and
     the value seen for anything the format does not allow.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -336,8 +336,8 @@ def encode_safetensors(
     The output is deterministic and readable by the reference library: tensors
     are laid out by descending itemsize then name (so every tensor is aligned
     to its itemsize), and the header is padded with spaces to a multiple of 8
-    bytes. Raises :class:`~gradaccum.errors.UsageError` for an empty or
-    reserved name, a value that is not a :class:`RawTensor`, or metadata that
+    bytes. Raises `UsageError` for an empty or
+    reserved name, a value that is not a `RawTensor`, or metadata that
     is not string to string.
     """
     for tname, tensor in tensors.items():
@@ -374,8 +374,8 @@ def decode_safetensors(
 ) -> dict[str, RawTensor]:
     """Validate ``data`` (a whole safetensors file) and return its tensors,
     ordered by position in the buffer. Raises
-    :class:`~gradaccum.errors.CheckpointCorruptError` like
-    :func:`read_safetensors_header`."""
+    `CheckpointCorruptError` like
+    `read_safetensors_header`."""
     header = read_safetensors_header(data, name=name)
     view = memoryview(data)
     return {

@@ -69,7 +69,7 @@ class SchemaViolation:
 
     @property
     def path(self) -> str:
-        """:attr:`location` as a JSON path such as ``$.files['gradients.rank1'].size``."""
+        """`location` as a JSON path such as ``$.files['gradients.rank1'].size``."""
         return json_path(self.location)
 
     def __str__(self) -> str:
@@ -144,7 +144,7 @@ def _is_json(value: Any) -> bool:
 class SchemaValidator:
     """Validates JSON values against ``schema`` (a draft 2020-12 schema using
     only the keywords this module implements). Building it raises
-    :class:`~gradaccum.errors.UsageError` if the schema uses another assertion
+    `UsageError` if the schema uses another assertion
     keyword, an unknown type, a malformed regular expression or a ``$ref``
     that does not resolve inside the schema."""
 

@@ -1,8 +1,8 @@
 """Writing, reading and validating checkpoint directories.
 
-:func:`write_checkpoint` validates everything before it touches the disk
+`write_checkpoint` validates everything before it touches the disk
 (CKPT-14) and replaces the directory atomically (CKPT-12).
-:func:`read_checkpoint` verifies every byte against the manifest before it
+`read_checkpoint` verifies every byte against the manifest before it
 returns anything (CKPT-7, CKPT-8) and never unpickles (CKPT-15).
 """
 
@@ -104,7 +104,7 @@ class Checkpoint:
 
     def file_bytes(self, role: str) -> bytes:
         """The verified bytes of ``<role>.safetensors``. Raises
-        :class:`~gradaccum.errors.CheckpointMismatchError` for a role the
+        `CheckpointMismatchError` for a role the
         checkpoint does not hold."""
         try:
             return self._data[role]
@@ -116,8 +116,8 @@ class Checkpoint:
             ) from None
 
     def tensors(self, role: str) -> dict[str, RawTensor]:
-        """The tensors of ``role`` as :class:`RawTensor` (pure Python, for
-        tools and tests; framework adapters load :meth:`file_bytes` with the
+        """The tensors of ``role`` as `RawTensor` (pure Python, for
+        tools and tests; framework adapters load `file_bytes` with the
         ``safetensors`` library)."""
         return decode_safetensors(self.file_bytes(role), name=f"{role}{_SUFFIX}")
 
@@ -190,16 +190,16 @@ def write_checkpoint(
     ``optimizer``, ...) to the bytes of a safetensors file. Every argument is
     validated first — roles, JSON values (string keys, finite floats; tuples
     are stored as arrays), the state's schema and invariants and the config
-    (as :func:`~gradaccum.checkpoint.format.check_state_and_config` parses
+    (as `check_state_and_config` parses
     them for readers), each file's safetensors header — and a problem raises
-    :class:`~gradaccum.errors.UsageError` with nothing written (CKPT-14).
+    `UsageError` with nothing written (CKPT-14).
     A path that is a file, a symbolic link, a non-empty directory that is not
     a checkpoint, or an existing checkpoint with ``overwrite=False`` raises
-    :class:`~gradaccum.errors.CheckpointError`, also before any write.
+    `CheckpointError`, also before any write.
 
     The directory is then replaced atomically (CKPT-12): whatever happens,
     ``path`` holds the previous complete checkpoint or the new complete one.
-    A disk failure raises :class:`~gradaccum.errors.CheckpointError` and
+    A disk failure raises `CheckpointError` and
     leaves the previous checkpoint in place.
     """
     target = _target(path)
@@ -426,15 +426,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     Before returning, the manifest is checked (format version, schema, and
     the state and config exactly as an adapter's ``load`` parses them:
-    :meth:`~gradaccum.state.AccumulationState.from_state_dict`,
-    :meth:`~gradaccum.config.AccumulationConfig.from_dict` and the schedule's
+    `from_state_dict`,
+    `from_dict` and the schedule's
     ``check_state``), the set of ``*.safetensors`` files is compared with the
     manifest's, and every file's size, SHA-256, safetensors header, tensor
     index and per-tensor SHA-256 are verified. Raises
-    :class:`~gradaccum.errors.CheckpointVersionError` for an unsupported format
-    version, :class:`~gradaccum.errors.CheckpointChecksumError` for a checksum
-    mismatch, :class:`~gradaccum.errors.CheckpointCorruptError` for any other
-    defect, and :class:`~gradaccum.errors.CheckpointError` when there is no
+    `CheckpointVersionError` for an unsupported format
+    version, `CheckpointChecksumError` for a checksum
+    mismatch, `CheckpointCorruptError` for any other
+    defect, and `CheckpointError` when there is no
     checkpoint at ``path``. If ``path`` is missing because a writer died
     between its two renames, the previous complete checkpoint is read from its
     set-aside copy (CKPT-13).
@@ -478,6 +478,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def validate_checkpoint(path: str | os.PathLike[str]) -> Manifest:
-    """Verify the checkpoint at ``path`` exactly as :func:`read_checkpoint`
+    """Verify the checkpoint at ``path`` exactly as `read_checkpoint`
     does and return its manifest; raises the same errors."""
     return read_checkpoint(path).manifest
