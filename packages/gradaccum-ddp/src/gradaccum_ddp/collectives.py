@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import json
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,8 +21,6 @@ from gradaccum.errors import DistributedError, GradAccumError
 
 __all__ = [
     "ROW",
-    "agree",
-    "all_reduce_sum",
     "average_",
     "comm_device",
     "communication_errors",
@@ -34,7 +32,7 @@ __all__ = [
 ]
 
 ROW = 8
-"""Length of the int64 row every rank contributes to a lockstep check."""
+"""Length of the int64 row every rank contributes to a checkpoint's agreement step."""
 
 
 _MARKERS = (
@@ -99,16 +97,6 @@ def _needs_move(tensor: torch.Tensor, device: torch.device) -> bool:
     return device.type == "cuda" and tensor.device.type != "cuda"
 
 
-def all_reduce_sum(
-    tensor: torch.Tensor, group: dist.ProcessGroup | None, device: torch.device
-) -> torch.Tensor:
-    """A new tensor: ``tensor`` summed over the group's ranks (one collective), on
-    ``tensor``'s device. No host sync."""
-    work = tensor.to(device) if _needs_move(tensor, device) else tensor.clone()
-    dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)
-    return work.to(tensor.device) if work.device != tensor.device else work
-
-
 def average_(
     tensors: Sequence[torch.Tensor],
     group: dist.ProcessGroup | None,
@@ -148,20 +136,6 @@ def gather_rows(
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     return [[int(v) for v in t.tolist()] for t in gathered]
-
-
-def agree(
-    row: Sequence[int],
-    group: dist.ProcessGroup | None,
-    device: torch.device,
-    describe: Callable[[list[list[int]]], str],
-) -> list[list[int]]:
-    """`gather_rows`, then raise `DistributedError` with
-    ``describe(rows)`` on every rank when the rows differ. Returns the rows."""
-    rows = gather_rows(row, group, device)
-    if any(r != rows[0] for r in rows):
-        raise DistributedError(describe(rows))
-    return rows
 
 
 def gather_bytes(

@@ -262,8 +262,8 @@ class Accumulator:
         self._distributed = distributed
         self._machine = machine
         self._prefix = framework.name_prefix
-        params, names, weighted = self._resolve(config)
-        self._store: GradientStore = gradient_store(config, params, names)
+        params, names, weighted, bystanders = self._resolve(config)
+        self._store: GradientStore = gradient_store(config, params, names, bystanders)
         self._weighted = weighted
         self._group_count = len(optimizer.param_groups)
         self._items = ItemCounter()
@@ -279,13 +279,12 @@ class Accumulator:
 
     # -- construction helpers --------------------------------------------------
 
-    def _resolve(
-        self, config: AccumulationConfig
-    ) -> tuple[list[torch.nn.Parameter], list[str], list[tuple[float, list[torch.nn.Parameter]]]]:
-        """The optimizer's parameters, their canonical names and the weight
-        groups; raises `ConfigError` (nothing changed) for a parameter that is
-        not the model's."""
-        name_of = {id(p): n for n, p in named_parameters(self.model, self._prefix).items()}
+    def _resolve(self, config: AccumulationConfig) -> _Resolved:
+        """The optimizer's parameters, their canonical names, the weight
+        groups, and the model's other trainable parameters; raises
+        `ConfigError` (nothing changed) for a parameter that is not the model's."""
+        by_name = named_parameters(self.model, self._prefix)
+        name_of = {id(p): n for n, p in by_name.items()}
         params: list[torch.nn.Parameter] = []
         groups: list[int] = []
         for g, group in enumerate(self.optimizer.param_groups):
@@ -306,13 +305,17 @@ class Accumulator:
         for param, weight in zip(params, weights, strict=True):
             if weight != 1.0:
                 by_weight.setdefault(weight, []).append(param)
-        return params, names, list(by_weight.items())
+        optimized = {id(p) for p in params}
+        bystanders = [p for p in by_name.values() if p.requires_grad and id(p) not in optimized]
+        return params, names, list(by_weight.items()), bystanders
 
     def _adopt_param_groups(self) -> None:
         """The optimizer gained param groups since the last microbatch: take
-        their parameters into normalization, weights and checkpoints."""
-        params, names, weighted = self._resolve(self.config)
-        self._store.adopt(params, names)
+        their parameters into normalization, weights and checkpoints. Their
+        ``.grad`` was cleared with every window, so it holds this window's
+        gradient only (ACC-N9)."""
+        params, names, weighted, bystanders = self._resolve(self.config)
+        self._store.adopt(params, names, bystanders)
         self._weighted = weighted
         self._group_count = len(self.optimizer.param_groups)
 
@@ -729,6 +732,13 @@ def _check_scheduler(scheduler: Any | None, optimizer: torch.optim.Optimizer) ->
 
 
 _OPENED, _BACKWARD, _DONE = 0, 1, 2
+
+_Resolved = tuple[
+    list[torch.nn.Parameter],
+    list[str],
+    list[tuple[float, list[torch.nn.Parameter]]],
+    list[torch.nn.Parameter],
+]
 
 
 class _Microbatch:

@@ -76,11 +76,12 @@ class BackwardResult:
         outcome: at a boundary, the core's verdict: ``"stepped"``,
             ``"amp_overflow"``, ``"non_finite"`` or ``"empty"``; ``None``
             on other microbatches.
-        window_items: at a boundary, the window's item count over all ranks:
-            an ``int`` when every count was a host int, else a 0-d float64
-            device tensor (read it only when you need it: reading is a host
-            sync); ``None`` on other microbatches and under ``mean``/``sum``
-            with host counts not given.
+        window_items: at a boundary, the window's item count: over all
+            ranks as a 0-d float64 device tensor when the boundary exchanged
+            counts (``items`` with device counts or several ranks; read it
+            only when you need it: reading is a host sync), else this rank's
+            host count as an ``int`` (0 when no counts were given). ``None``
+            on other microbatches.
         grad_norm: the pre-clip total gradient norm as a 0-d device tensor,
             when the boundary computed one (clipping by norm, or
             ``track_grad_norm=True``), else ``None``.
@@ -130,10 +131,7 @@ def close_window(
         # (2) normalize; the window's one exchange with the other ranks, if any.
         world_total: torch.Tensor | None = None
         gathered: torch.Tensor | None = None
-        exchange = window.check_ranks or (
-            window.divide_by_world_items and (distributed.world_size > 1 or bool(items))
-        )
-        if exchange:
+        if window.check_ranks or window.divide_by_world_items:
             local, bad = items.local(device, window.items)
             state_row = window_row(machine.state, window) if window.check_ranks else []
             row = exchange_row(state_row, device, local, bad)
@@ -142,6 +140,7 @@ def close_window(
             )
             world_total = gathered[:, 0].sum()
         if window.divide_by_world_items and world_total is not None:
+            # The count is a device scalar: the division happens on the device, unread.
             G.scale_(grads, window.grad_multiplier / world_total.clamp(min=1.0))
         else:
             G.scale_(grads, window.grad_multiplier)
@@ -193,7 +192,7 @@ def close_window(
                 raise DistributedError(describe(where))
             bad_flags = [row[1] for row in rows]
             total = math.fsum(row[0] for row in rows)
-            if any(flag > 0 for flag in bad_flags) or not math.isfinite(total):
+            if any(b > 0 for b in bad_flags) or not math.isfinite(total):
                 raise bad_count_error(bad_flags)
             if window.divide_by_world_items:
                 world_items = round(total)
@@ -242,9 +241,9 @@ def close_window(
             f"skipped and the gradients zeroed. Use non_finite='skip' to continue silently "
             f"or 'drop_microbatch' to leave out only the bad microbatch"
         )
-    window_items: int | torch.Tensor | None = world_total
-    if world_total is None and acc.config.normalization == "items":
-        window_items = window.items
+    window_items: int | torch.Tensor = window.items
+    if world_total is not None and window.divide_by_world_items:
+        window_items = world_total
     return BackwardResult(
         boundary=True,
         stepped=verdict.step_optimizer,

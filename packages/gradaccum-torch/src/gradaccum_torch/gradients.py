@@ -42,16 +42,35 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 class GradientStore(abc.ABC):
     """The window's gradient, for a fixed list of parameters with canonical names."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        names: Sequence[str],
+        bystanders: Sequence[torch.nn.Parameter] = (),
+    ) -> None:
         self.params: list[torch.nn.Parameter] = list(params)
         self.names: list[str] = list(names)
+        self.bystanders: list[torch.nn.Parameter] = list(bystanders)
+        """The model's other trainable parameters (not in the optimizer): their
+        ``.grad`` is cleared with the window's, so a param group that adopts
+        them later starts from this window's gradient only (ACC-N9)."""
         self._stash: list[torch.Tensor | None] | None = None
 
-    def adopt(self, params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
+    def adopt(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        names: Sequence[str],
+        bystanders: Sequence[torch.nn.Parameter] = (),
+    ) -> None:
         """Track a new parameter list (the optimizer gained a param group).
         Gradients held for parameters still in the list are kept."""
         self.params = list(params)
         self.names = list(names)
+        self.bystanders = list(bystanders)
+
+    def _clear_bystanders(self) -> None:
+        for param in self.bystanders:
+            param.grad = None
 
     @property
     def by_name(self) -> dict[str, torch.nn.Parameter]:
@@ -137,8 +156,13 @@ class GradientStore(abc.ABC):
 class InPlaceGradients(GradientStore):
     """The window's gradient in ``param.grad`` (the default: no extra buffer)."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
-        super().__init__(params, names)
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        names: Sequence[str],
+        bystanders: Sequence[torch.nn.Parameter] = (),
+    ) -> None:
+        super().__init__(params, names, bystanders)
         self._fresh_window = False
 
     def open_microbatch(self, isolate: bool, first: bool) -> None:
@@ -182,6 +206,7 @@ class InPlaceGradients(GradientStore):
     def zero(self) -> None:
         for param in self.params:
             param.grad = None
+        self._clear_bystanders()
 
     def export(self) -> dict[str, torch.Tensor]:
         return {
@@ -205,11 +230,12 @@ class BufferedGradients(GradientStore):
         self,
         params: Sequence[torch.nn.Parameter],
         names: Sequence[str],
+        bystanders: Sequence[torch.nn.Parameter] = (),
         *,
         to_float32: bool,
         offload: bool,
     ) -> None:
-        super().__init__(params, names)
+        super().__init__(params, names, bystanders)
         self._to_float32 = to_float32
         self._device = torch.device("cpu") if offload else None
         self._buffers: dict[int, torch.Tensor] = {}
@@ -258,6 +284,7 @@ class BufferedGradients(GradientStore):
         for param in self.params:
             param.grad = None
         self._buffers.clear()
+        self._clear_bystanders()
 
     def export(self) -> dict[str, torch.Tensor]:
         return {
@@ -275,17 +302,25 @@ class BufferedGradients(GradientStore):
                 device=self._device or param.device, dtype=self._dtype(param.dtype), copy=True
             )
 
-    def adopt(self, params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
+    def adopt(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        names: Sequence[str],
+        bystanders: Sequence[torch.nn.Parameter] = (),
+    ) -> None:
         keep = {id(p) for p in params}
         self._buffers = {k: v for k, v in self._buffers.items() if k in keep}
-        super().adopt(params, names)
+        super().adopt(params, names, bystanders)
 
     def held(self) -> list[torch.Tensor]:
         return [*self._buffers.values(), *super().held()]
 
 
 def gradient_store(
-    config: AccumulationConfig, params: Sequence[torch.nn.Parameter], names: Sequence[str]
+    config: AccumulationConfig,
+    params: Sequence[torch.nn.Parameter],
+    names: Sequence[str],
+    bystanders: Sequence[torch.nn.Parameter] = (),
 ) -> GradientStore:
     """The store ``config`` asks for: buffered under ``accumulation_dtype="float32"``
     or ``offload``, in place otherwise."""
@@ -293,7 +328,8 @@ def gradient_store(
         return BufferedGradients(
             params,
             names,
+            bystanders,
             to_float32=config.accumulation_dtype == "float32",
             offload=config.offload,
         )
-    return InPlaceGradients(params, names)
+    return InPlaceGradients(params, names, bystanders)
