@@ -114,10 +114,15 @@ class Accumulator:
         steps: microbatches per window (shorthand for ``schedule=Fixed(steps)``).
         config: a full `AccumulationConfig`; exclusive with
             ``steps`` and the option keywords below.
-        schedule, normalization, partial_window, non_finite, clip, weights,
-            accumulation_dtype, offload, micro_batch_size: the
-            `AccumulationConfig` options (see there); unset ones
-            keep the config's defaults.
+        schedule: windows' sizes (`gradaccum.Fixed`, `gradaccum.ByEpoch`, ...).
+        normalization: ``"mean"``, ``"items"`` or ``"sum"`` (ACC-N).
+        partial_window: ``"step"``, ``"drop"`` or ``"carry"`` (ACC-W).
+        non_finite: ``"skip"``, ``"raise"`` or ``"drop_microbatch"`` (ACC-F).
+        clip: a `gradaccum.ClipPolicy` (ACC-L).
+        weights: `gradaccum.GradientWeights` (ACC-G).
+        accumulation_dtype: ``"param"`` or ``"float32"`` (ACC-P1).
+        offload: keep the window's gradient on the CPU (ACC-P2).
+        micro_batch_size: items per microbatch, for the effective batch size.
         scheduler: an LR scheduler stepped exactly once per successful
             optimizer step (ACC-S3), never on microbatches or skipped steps.
             ``ReduceLROnPlateau`` needs a metric: step it yourself.
