@@ -7,6 +7,11 @@ suite accepts a correct loop, and — through the planted bugs — that it
 rejects each known wrong one. Ranks are simulated in one process: one model
 replica per rank, gradients averaged across replicas at the boundary as
 DistributedDataParallel's all-reduce does, and those averages counted.
+
+It keeps the promises the probes check: no host read off the boundary
+(ACC-B3), one read at a boundary — the non-finite flag, with the window's
+item count when counts are device tensors (ACC-B4) — and no buffer beside
+``param.grad`` in the default configuration (ACC-P4).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from gradaccum import AccumulationStats, ClipPolicy, NonFiniteGradientError
 from gradaccum_conformance import (
     CAPABILITIES,
     Harness,
+    MicrobatchProbes,
     MicrobatchView,
     Scenario,
     Trajectory,
@@ -40,6 +46,7 @@ class _Replica:
         self.named = list(self.model.named_parameters())
         self.params = [p for _, p in self.named]
         self.offloaded: list[Tensor | None] | None = None
+        self.grad_copy: list[Tensor] = []  # only the KeepGradientCopy bug fills it
 
     def grads(self) -> list[Tensor | None]:
         if self.offloaded is not None:
@@ -50,7 +57,20 @@ class _Replica:
         for p, g in zip(self.params, grads, strict=True):
             p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
 
+    def nonfinite_flag(self) -> Tensor:
+        """A 0-d float64 device tensor, 1 when some gradient holds inf or nan: no read."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        return (~finite).to(torch.float64)
+
     def all_finite(self) -> bool:
+        """One host read (the isolated microbatch of drop_microbatch reads it)."""
+        return not bool(self.nonfinite_flag())
+
+    def all_finite_per_parameter(self) -> bool:
+        """The ReadPerParameterAtBoundary bug: one host read per parameter."""
         return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
 
     def clip(self, clip: ClipPolicy, *, scaled: bool, factor: float = 1.0) -> None:
@@ -98,6 +118,9 @@ class ManualHarness(Harness):
     bug_scheduler_on_skip: ClassVar[bool] = False
     bug_lose_inflight_on_resume: ClassVar[bool] = False
     bug_reduce_every_microbatch: ClassVar[bool] = False
+    bug_log_loss_every_microbatch: ClassVar[bool] = False
+    bug_read_per_parameter_at_boundary: ClassVar[bool] = False
+    bug_keep_gradient_copy: ClassVar[bool] = False
 
     def run(self, scenario: Scenario, workdir: Path) -> Trajectory:
         return _ManualLoop(self, scenario, workdir).run()
@@ -127,17 +150,31 @@ class _ManualLoop:
             [group.get("name") for group in first.optimizer.param_groups],
         )
         self.recorder = TrajectoryRecorder(first.model)
+        self.device_items: Tensor | None = None  # the open window's device item count
+        self.losses: list[float] = []  # only the LogLossEveryMicrobatch bug fills it
+
+    def owners(self) -> list[object]:
+        """What the memory probe ignores: every replica's model, optimizer and scaler."""
+        out: list[object] = [self.recorder]
+        for rank in self.ranks:
+            out += [rank.model, rank.optimizer, rank.scaler]
+        return out
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> Trajectory:
         views = [list(self.s.iter_microbatches(rank)) for rank in range(self.world)]
-        for g in range(self.s.total_microbatches):
-            step = [per_rank[g] for per_rank in views]
-            self.microbatch(step)
-            if step[0].is_last_in_pass:
-                self.end_pass()
-            if g == self.s.checkpoint_after:
-                self.checkpoint_and_resume()
+        with MicrobatchProbes(self.s, *self.owners()) as self.probes:
+            for g in range(self.s.total_microbatches):
+                step = [per_rank[g] for per_rank in views]
+                windows = self.c.windows
+                with self.probes.counting():
+                    self.microbatch(step)
+                    if step[0].is_last_in_pass:
+                        self.end_pass()
+                self.probes.record(self.recorder, boundary=self.c.windows > windows)
+                if g == self.s.checkpoint_after:
+                    self.checkpoint_and_resume()
+                    self.probes.track(*self.owners())
         c = self.c
         stats = AccumulationStats(
             micro_steps=c.micro_steps,
@@ -183,6 +220,8 @@ class _ManualLoop:
             if h.bug_items_mean_of_means and cfg.normalization == "items":
                 loss = loss / view.items
             loss = loss * multiplier
+            if h.bug_log_loss_every_microbatch:
+                self.losses.append(loss.item())  # "just logging": a host sync per microbatch
             scaled = loss if rank.scaler is None else rank.scaler.scale(loss)
             scaled.backward()  # type: ignore[no-untyped-call]
             if h.bug_scheduler_per_microbatch and rank.scheduler is not None:
@@ -206,13 +245,26 @@ class _ManualLoop:
                     None if g is None else g.to("cpu", copy=True) for g in rank.grads()
                 ]
                 rank.set_grads([None] * len(rank.params))
+            if h.bug_keep_gradient_copy:
+                # "for gradient-noise statistics": a parameter-sized copy, every microbatch
+                rank.grad_copy = [g.detach().clone() for g in rank.grads() if g is not None]
         if h.bug_reduce_every_microbatch and self.world > 1:
             self._all_reduce()
         c.position += 1
         c.micro_steps += 1
         if kept:
             c.contributing += 1
-            c.items_in_window += first.world_items
+            if self.s.items_on_device:
+                # Every rank's device count, summed on the device (the simulated
+                # all-reduce); read once, at the boundary.
+                counts = [view.count for view in step]
+                total = torch.stack([n.to(torch.float64) for n in counts if isinstance(n, Tensor)])
+                total = total.sum()
+                self.device_items = (
+                    total if self.device_items is None else self.device_items + total
+                )
+            else:
+                c.items_in_window += first.world_items
         else:
             c.dropped_microbatches += 1
         if is_boundary:
@@ -236,25 +288,44 @@ class _ManualLoop:
             if not h.bug_reduce_every_microbatch:
                 self._all_reduce()
             reductions = c.reductions_in_window
-        empty = c.contributing == 0 or (cfg.normalization == "items" and c.items_in_window == 0)
-        multiplier = 1.0
+        device_items, self.device_items = self.device_items, None
+        empty = c.contributing == 0 or (
+            cfg.normalization == "items" and device_items is None and c.items_in_window == 0
+        )
+        multiplier: float | Tensor = 1.0
         if not empty and cfg.normalization == "mean":
             multiplier = c.window_size / c.contributing
             if h.bug_short_window_full_k:
                 multiplier = 1.0
         elif not empty and cfg.normalization == "items":
-            # The all-reduce averaged over ranks; undo it and divide by the world's items.
-            multiplier = self.world / c.items_in_window
+            # The all-reduce averaged over ranks; undo it and divide by the world's items
+            # (a device count divides on the device, unread).
+            if device_items is not None:
+                multiplier = self.world / (device_items + c.items_in_window).clamp(min=1.0)
+            else:
+                multiplier = self.world / c.items_in_window
             if h.bug_items_mean_of_means:
                 multiplier = 1.0 / c.contributing
         for rank in self.ranks:
-            if multiplier != 1.0:
+            if isinstance(multiplier, Tensor) or multiplier != 1.0:
                 for p in rank.params:
                     if p.grad is not None:
                         p.grad.mul_(multiplier)
             if rank.scaler is not None:
                 rank.scaler.unscale_(rank.optimizer)
-        found_inf = not empty and not self.ranks[0].all_finite()
+        # The boundary's one host read: the non-finite flag, and the device item count.
+        if h.bug_read_per_parameter_at_boundary:
+            found_inf = not self.ranks[0].all_finite_per_parameter()
+        else:
+            pieces = [self.ranks[0].nonfinite_flag()]
+            if device_items is not None:
+                pieces.append(device_items.to(pieces[0].device))
+            values = torch.stack(pieces).tolist()
+            found_inf = values[0] > 0
+            if device_items is not None:
+                c.items_in_window += round(values[1])
+                empty = empty or (cfg.normalization == "items" and c.items_in_window == 0)
+        found_inf = found_inf and not empty
         amp_overflow = found_inf and self.ranks[0].scaler is not None
         stepped = False
         if empty or found_inf:
@@ -275,11 +346,10 @@ class _ManualLoop:
                 for p, weight in zip(rank.params, self.weights, strict=True):
                     if p.grad is not None and weight != 1.0:
                         p.grad.mul_(weight)
+                # Under AMP the flag was read already: scaler.step would read it again.
+                rank.optimizer.step()
                 if rank.scaler is not None:
-                    rank.scaler.step(rank.optimizer)
                     rank.scaler.update()
-                else:
-                    rank.optimizer.step()
                 if rank.scheduler is not None and not h.bug_scheduler_per_microbatch:
                     rank.scheduler.step()
             stepped = True
@@ -290,13 +360,17 @@ class _ManualLoop:
         c.skipped_steps += not stepped
         c.windows += 1
         first = self.ranks[0]
-        self.recorder.window(first.model, first.optimizer, stepped=stepped, reductions=reductions)
+        with self.probes.paused():
+            self.recorder.window(
+                first.model, first.optimizer, stepped=stepped, reductions=reductions
+            )
         c.position = c.window_size = c.contributing = c.items_in_window = 0
         c.reductions_in_window = 0
 
     def end_pass(self) -> None:
         c = self.c
         if c.position > 0 and self.cfg.partial_window == "drop":
+            self.device_items = None
             for rank in self.ranks:
                 rank.offloaded = None
                 rank.optimizer.zero_grad(set_to_none=True)
@@ -309,7 +383,11 @@ class _ManualLoop:
     # -- checkpoint --------------------------------------------------------------
     def checkpoint_and_resume(self) -> None:
         path = self.workdir / "manual-checkpoint.pt"
-        state: dict[str, Any] = {"counters": dataclasses.asdict(self.c), "ranks": []}
+        state: dict[str, Any] = {
+            "counters": dataclasses.asdict(self.c),
+            "device_items": None if self.device_items is None else self.device_items.cpu(),
+            "ranks": [],
+        }
         for rank in self.ranks:
             grads = (
                 {}
@@ -332,6 +410,8 @@ class _ManualLoop:
         self.ranks = [_Replica(self.s) for _ in range(self.world)]
         loaded = torch.load(path, weights_only=True)
         self.c = _Counters(**loaded["counters"])
+        device_items = loaded["device_items"]
+        self.device_items = None if device_items is None else device_items.to(self.s.device)
         for rank, saved in zip(self.ranks, loaded["ranks"], strict=True):
             rank.model.load_state_dict(saved["model"])
             rank.optimizer.load_state_dict(saved["optimizer"])
@@ -401,3 +481,27 @@ class ReduceEveryMicrobatch(ManualHarness):
 
     name = "broken-reduce-every-microbatch"
     bug_reduce_every_microbatch = True
+
+
+class LogLossEveryMicrobatch(ManualHarness):
+    """(8) The loss is logged with ``loss.item()`` after every microbatch: a host
+    sync on every microbatch (Composer syncs the host every batch)."""
+
+    name = "broken-log-loss-every-microbatch"
+    bug_log_loss_every_microbatch = True
+
+
+class ReadPerParameterAtBoundary(ManualHarness):
+    """(9) The boundary checks each parameter's gradient for inf/nan with its own
+    ``bool(...)``: one host read per parameter instead of one fused read."""
+
+    name = "broken-read-per-parameter-at-boundary"
+    bug_read_per_parameter_at_boundary = True
+
+
+class KeepGradientCopy(ManualHarness):
+    """(10) A copy of the accumulated gradient is kept after every microbatch
+    (for gradient statistics): a parameter-sized buffer beside ``param.grad``."""
+
+    name = "broken-keep-gradient-copy"
+    bug_keep_gradient_copy = True

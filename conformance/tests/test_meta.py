@@ -160,3 +160,88 @@ def test_suite_rejects_planted_bug(
     assert promise in failed[next(n for n in failed if n.startswith(test))]["reason"]
     assert report["promises"][promise]["verdict"] == "broken"
     result.stdout.fnmatch_lines([f"*promise broken (*{promise}*"])
+
+
+READS = "test_host_reads_only_at_the_boundary"
+BUFFERS = "test_no_buffer_held_between_microbatches"
+PROBE_BUGS = {
+    # test class: (harness, the probe test it fails in every case, promise, shown in the message)
+    "TestLogLoss": ("LogLossEveryMicrobatch", READS, "ACC-B3", "Tensor.item at manual_harness.py"),
+    "TestReadPerParameter": ("ReadPerParameterAtBoundary", READS, "ACC-B4", "4 reads"),
+    "TestKeepGradientCopy": ("KeepGradientCopy", BUFFERS, "ACC-P4", "float32[8, 12] cpu, 384 B"),
+}
+
+
+def test_probe_tests_reject_planted_bugs_and_unwired_harnesses(pytester: pytest.Pytester) -> None:
+    """The probes have teeth. One session (float32) runs the two probe tests against:
+    a loop that logs ``loss.item()`` every microbatch (host-read test fails, ACC-B3,
+    naming the read), one that checks each parameter for inf/nan with its own read at
+    the boundary (fails, ACC-B4: 4 reads), one that keeps a copy of the gradient
+    after every microbatch (buffer test fails, ACC-P4, naming the copied tensors) —
+    each in every scenario (mean, items with device counts, clipping by norm, two
+    ranks) while the other probe test passes; a harness without the
+    'probes' capability (skipped, with the reason); and one that declares it but
+    records nothing (fails, saying so). The correct loop passes both tests in the
+    whole-suite runs above."""
+    classes = "\n".join(
+        f"""
+class {cls}(ConformanceSuite):
+    @pytest.fixture
+    def harness(self):
+        return manual_harness.{harness}()
+"""
+        for cls, (harness, _, _, _) in PROBE_BUGS.items()
+    )
+    extra = f"""
+import gradaccum_conformance
+
+
+class NoProbes(manual_harness.ManualHarness):
+    name = "no-probes"
+    capabilities = frozenset(gradaccum_conformance.CAPABILITIES) - {{"probes"}}
+
+
+class ForgetsToRecord(manual_harness.ManualHarness):
+    name = "forgets-to-record"
+
+    def run(self, scenario, workdir):
+        return super().run(scenario.replace(probes=()), workdir)
+
+
+class TestForgets(ConformanceSuite):
+    @pytest.fixture
+    def harness(self):
+        return ForgetsToRecord()
+
+{classes}
+"""
+    pytester.makepyfile(test_probe_bugs=_subclass_module("NoProbes", extra))
+    _, report = _run(pytester, "-k", f"{READS} or {BUFFERS}", "--gradaccum-dtype=float32")
+    by_class: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for t in report["tests"]:
+        cls = t["nodeid"].split("::")[1]
+        by_class.setdefault(cls, {}).setdefault(t["test"].split("[")[0], []).append(t)
+
+    for cls, (harness, test, promise, shown) in PROBE_BUGS.items():
+        tests = by_class[cls]
+        cases = {READS: 4, BUFFERS: 4}[test]
+        outcomes = [t["outcome"] for t in tests[test]]
+        assert outcomes == ["failed"] * cases, f"{harness}: {test} outcomes {outcomes}"
+        for t in tests[test]:
+            assert t["broken_promises"] == [promise], (harness, t["broken_promises"])
+            assert f"promise broken ({promise})" in t["reason"], t["reason"]
+            assert shown in t["reason"], t["reason"]
+        (other,) = {READS, BUFFERS} - {test}
+        assert {t["outcome"] for t in tests[other]} == {"passed"}, f"{harness}: {other}"
+    for promise in ("ACC-B3", "ACC-B4", "ACC-P4"):
+        assert report["promises"][promise]["verdict"] == "broken"
+
+    skipped = [t for tests in by_class["TestUnderTest"].values() for t in tests]
+    assert {t["outcome"] for t in skipped} == {"skipped"}
+    assert {t["reason"] for t in skipped} == {
+        "harness no-probes does not declare capability probes"
+    }
+    forgets = [t for tests in by_class["TestForgets"].values() for t in tests]
+    assert forgets and {t["outcome"] for t in forgets} == {"failed"}
+    assert all("declares capability 'probes'" in t["reason"] for t in forgets)
+    assert all("recorded 0 microbatch(es)" in t["reason"] for t in forgets)

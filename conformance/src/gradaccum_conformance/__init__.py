@@ -25,11 +25,19 @@ from gradaccum_conformance.compare import (
 )
 from gradaccum_conformance.harness import (
     Harness,
+    MicrobatchRecord,
     Outcome,
     Trajectory,
     TrajectoryRecorder,
     load_harness,
     snapshot_params,
+)
+from gradaccum_conformance.probes import (
+    HeldMemory,
+    HostReadCounter,
+    HostReads,
+    MemoryProbe,
+    MicrobatchProbes,
 )
 from gradaccum_conformance.promises import CAPABILITIES, PROMISES
 from gradaccum_conformance.reference import (
@@ -48,6 +56,7 @@ from gradaccum_conformance.scenario import (
     OptimizerSpec,
     PassLength,
     Precision,
+    Probe,
     ScalerSpec,
     Scenario,
     SchedulerSpec,
@@ -71,14 +80,21 @@ __all__ = [
     "Conformance",
     "ConformanceSuite",
     "Harness",
+    "HeldMemory",
+    "HostReadCounter",
+    "HostReads",
     "LossReduction",
+    "MemoryProbe",
     "Microbatch",
+    "MicrobatchProbes",
+    "MicrobatchRecord",
     "MicrobatchView",
     "ModelSpec",
     "OptimizerSpec",
     "Outcome",
     "PassLength",
     "Precision",
+    "Probe",
     "ReferenceRun",
     "ScalerSpec",
     "Scenario",

@@ -26,6 +26,7 @@ from gradaccum_conformance.scenario import Scenario
 
 __all__ = [
     "Harness",
+    "MicrobatchRecord",
     "Outcome",
     "Trajectory",
     "TrajectoryRecorder",
@@ -53,6 +54,31 @@ def snapshot_params(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     return out
 
 
+@dataclass(frozen=True)
+class MicrobatchRecord:
+    """What the probes saw around one microbatch (:mod:`gradaccum_conformance.probes`).
+
+    Attributes:
+        boundary: a window closed in this microbatch (or in the ``end_pass``
+            that followed it).
+        host_reads: device-to-host reads made while the adapter ran this
+            microbatch (its ``microbatch`` block, and the ``end_pass`` after
+            it); ``None`` when not measured.
+        extra_bytes: after a microbatch that is not a boundary, the bytes of
+            tensor memory held beyond what was held before the first
+            microbatch, the parameters, their gradients, the optimizer's
+            state and what the harness told the probe to ignore; ``None``
+            when not measured (and at boundaries).
+        notes: where the reads happened and which tensors were extra, for
+            failure messages.
+    """
+
+    boundary: bool
+    host_reads: int | None = None
+    extra_bytes: int | None = None
+    notes: tuple[str, ...] = ()
+
+
 @dataclass
 class Trajectory:
     """What a run did, window by window.
@@ -71,6 +97,8 @@ class Trajectory:
             without a scheduler).
         reductions_per_window: gradient communications in each closed window
             (distributed harnesses; ``None`` if not counted).
+        microbatches: one :class:`MicrobatchRecord` per microbatch, in order,
+            from harnesses that record probes (empty otherwise).
     """
 
     initial_params: dict[str, Tensor]
@@ -83,6 +111,7 @@ class Trajectory:
     stats: dict[str, Any] = field(default_factory=dict)
     scheduler_steps: int | None = None
     reductions_per_window: list[int] | None = None
+    microbatches: list[MicrobatchRecord] = field(default_factory=list)
 
 
 class TrajectoryRecorder:
@@ -91,7 +120,10 @@ class TrajectoryRecorder:
     Create it with the freshly built model, call :meth:`window` after every
     closed window (after the optimizer and the scheduler stepped or were
     skipped), and :meth:`finish` at the end. One recorder spans a checkpoint
-    and resume: pass the *new* model and optimizer after resuming.
+    and resume: pass the *new* model and optimizer after resuming. A harness
+    that declares the ``probes`` capability also calls :meth:`microbatch`
+    after every microbatch (:class:`~gradaccum_conformance.probes.MicrobatchProbes`
+    does it).
     """
 
     def __init__(self, model: nn.Module, *, prefix: str = "") -> None:
@@ -115,6 +147,23 @@ class TrajectoryRecorder:
             if t.reductions_per_window is None:
                 t.reductions_per_window = []
             t.reductions_per_window.append(reductions)
+
+    def microbatch(
+        self,
+        boundary: bool,
+        host_reads: int | None = None,
+        extra_bytes: int | None = None,
+        notes: tuple[str, ...] | list[str] = (),
+    ) -> None:
+        """Record the probes of one microbatch (see :class:`MicrobatchRecord`)."""
+        self.trajectory.microbatches.append(
+            MicrobatchRecord(
+                boundary=bool(boundary),
+                host_reads=host_reads,
+                extra_bytes=extra_bytes,
+                notes=tuple(notes),
+            )
+        )
 
     def finish(
         self,
@@ -190,6 +239,14 @@ class Harness(abc.ABC):
         * ``scenario.world_size > 1``: run one process (or replica) per rank,
           rank ``r`` feeding ``iter_microbatches(rank=r)``; return rank 0's
           trajectory with ``reductions_per_window`` counted.
+        * ``scenario.items_on_device`` (capability ``device_items``): give the
+          adapter ``view.count`` (a 0-d device tensor) instead of ``view.items``.
+        * ``scenario.probes`` (capability ``probes``): measure each microbatch
+          and record it with :meth:`TrajectoryRecorder.microbatch`, through
+          :class:`~gradaccum_conformance.probes.MicrobatchProbes` (build it
+          once the objects exist, before the first microbatch; count reads
+          around the ``microbatch`` block and the ``end_pass`` that follows
+          it, not around the recording).
         * Never modify the scenario's tensors.
         """
 

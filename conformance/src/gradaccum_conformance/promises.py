@@ -32,6 +32,8 @@ PROMISES: Mapping[str, str] = MappingProxyType(
         # The boundary (ACC-B)
         "ACC-B1": "at a boundary: normalize, unscale, check non-finite, clip, weight, step — "
         "in that order, once per window",
+        "ACC-B3": "a microbatch that is not a boundary makes no host sync (no device-to-host read)",
+        "ACC-B4": "a boundary makes at most one device-to-host read",
         # Optimizer and scheduler steps (ACC-S)
         "ACC-S1": "the optimizer steps exactly once per closed window that is not skipped",
         "ACC-S3": "the LR scheduler steps once per successful optimizer step: never per "
@@ -63,6 +65,8 @@ PROMISES: Mapping[str, str] = MappingProxyType(
         "ACC-P1": "accumulation_dtype='float32' leaves the result exact",
         "ACC-P2": "offload=True leaves the result unchanged",
         "ACC-P3": "bf16 autocast follows the float32 trajectory within bf16 precision",
+        "ACC-P4": "by default no parameter-sized buffer is held between microbatches "
+        "(beyond the parameters, their .grad and the optimizer's state)",
         # Data parallelism (ACC-D)
         "ACC-D1": "gradients are communicated once per window, at its boundary",
         "ACC-D3": "across ranks, a window equals the large batch of every rank's microbatches",
@@ -90,6 +94,10 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType(
         "partial_drop": "partial_window='drop'",
         "distributed": "world_size > 1 (and Trajectory.reductions_per_window)",
         "cuda": "runs scenarios on a CUDA device",
+        "device_items": "item counts given as 0-d device tensors (Scenario.items_on_device: "
+        "pass view.count)",
+        "probes": "measures each microbatch as Scenario.probes asks (host reads, held memory) "
+        "and records it with TrajectoryRecorder.microbatch (gradaccum_conformance.probes)",
     }
 )
 """Optional capability name -> what declaring it means. Everything else

@@ -34,6 +34,7 @@ __all__ = [
     "OptimizerSpec",
     "PassLength",
     "Precision",
+    "Probe",
     "ScalerSpec",
     "Scenario",
     "SchedulerSpec",
@@ -54,6 +55,12 @@ PassLength: TypeAlias = Literal["known", "last_only"]
 """What the harness may tell its adapter about the end of a pass: ``known``
 (the pass length: ``remaining_in_pass``) or ``last_only`` (only that a
 microbatch is the last one, from a one-ahead look: ``mark_last``)."""
+
+Probe: TypeAlias = Literal["host_reads", "memory"]
+"""What a harness that declares the ``probes`` capability measures around
+each microbatch (see :mod:`gradaccum_conformance.probes`): ``host_reads``
+(device-to-host reads, ACC-B3, ACC-B4) or ``memory`` (tensor memory held
+between microbatches, ACC-P4)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,6 +106,15 @@ class MicrobatchView:
     y: Tensor
     items: int
     world_items: int
+    items_tensor: Tensor | None = None
+
+    @property
+    def count(self) -> int | Tensor:
+        """The item count to give the adapter: :attr:`items` as a host int, or,
+        when the scenario sets ``items_on_device``, the same count as a 0-d
+        int64 tensor on the scenario's device (made with the view, so passing
+        it costs no host-device copy)."""
+        return self.items if self.items_tensor is None else self.items_tensor
 
     @property
     def is_last_in_pass(self) -> bool:
@@ -260,6 +276,14 @@ class Scenario:
         amp_overflow_windows: closed-window indices the scaler is set up to
             overflow on (the reference skips them).
         promises: the spec IDs the scenario is built to check.
+        items_on_device: under ``items``, give the adapter each item count as
+            a 0-d tensor on the device (:attr:`MicrobatchView.count`); needs
+            the ``device_items`` capability.
+        probes: what a harness declaring the ``probes`` capability measures
+            per microbatch and records with
+            :meth:`~gradaccum_conformance.TrajectoryRecorder.microbatch`
+            (see :data:`Probe`; :class:`~gradaccum_conformance.probes.MicrobatchProbes`
+            does it). Empty: nothing to measure.
     """
 
     name: str
@@ -277,6 +301,8 @@ class Scenario:
     pass_length: PassLength = "known"
     amp_overflow_windows: tuple[int, ...] = ()
     promises: tuple[str, ...] = ()
+    items_on_device: bool = False
+    probes: tuple[Probe, ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -296,6 +322,16 @@ class Scenario:
                         f"scenario {self.name!r}: a microbatch has {len(mb.shards)} shards "
                         f"for world_size={self.world_size}"
                     )
+        if self.items_on_device and self.config.normalization != "items":
+            raise ValueError(
+                f"scenario {self.name!r}: items_on_device needs normalization='items' "
+                f"(a device count under {self.config.normalization!r} is an ItemCountError)"
+            )
+        unknown = [p for p in self.probes if p not in ("host_reads", "memory")]
+        if unknown:
+            raise ValueError(
+                f"scenario {self.name!r}: unknown probes {unknown}; use 'host_reads', 'memory'"
+            )
         if self.precision == "fp16" and self.scaler is None:
             object.__setattr__(self, "scaler", ScalerSpec())
 
@@ -369,6 +405,10 @@ class Scenario:
         for p, pass_ in enumerate(self.passes):
             for i, mb in enumerate(pass_):
                 x, y = self.inputs(mb.shards[rank])
+                count = None
+                if self.items_on_device:
+                    count = torch.tensor(mb.shards[rank].items, dtype=torch.int64)
+                    count = count.to(self.device)
                 yield MicrobatchView(
                     pass_index=p,
                     index_in_pass=i,
@@ -378,6 +418,7 @@ class Scenario:
                     y=y,
                     items=mb.shards[rank].items,
                     world_items=mb.items,
+                    items_tensor=count,
                 )
                 global_index += 1
 
@@ -393,10 +434,11 @@ class Scenario:
     def describe(self) -> str:
         """One line for failure messages."""
         sizes = [[mb.items for mb in pass_] for pass_ in self.passes]
+        counts = ", item counts on the device" if self.items_on_device else ""
         return (
             f"scenario {self.name!r}: precision {self.precision}, device {self.device}, "
             f"world_size {self.world_size}, config {self.config.to_dict()}, "
-            f"items per microbatch {sizes}"
+            f"items per microbatch {sizes}{counts}"
         )
 
 

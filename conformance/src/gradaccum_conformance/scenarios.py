@@ -341,6 +341,38 @@ def _distributed(name: str, normalization: str) -> Builder:
     return build
 
 
+PROBE_MODEL = ModelSpec(out_features=8)
+"""The probe scenarios' model: its smallest parameter (``2.bias``, 8 values)
+is larger than a few 0-d scalars, so "less than the smallest parameter"
+tells a parameter-sized buffer from bookkeeping scalars."""
+
+
+def _probe(
+    name: str,
+    config: AccumulationConfig,
+    sizes: Sequence[Sequence[int | Sequence[int]]],
+    **fields: Any,
+) -> Builder:
+    """Two windows of 3 (two non-boundary microbatches in each): what a
+    harness measures is set by the test (``scenario.replace(probes=...)``)."""
+
+    def build(p: Precision, d: str) -> Scenario:
+        return _make(
+            name,
+            config,
+            sizes,
+            p,
+            d,
+            seed=20,
+            model=PROBE_MODEL,
+            optimizer=MOMENTUM,
+            scheduler=DECAY,
+            **fields,
+        )
+
+    return build
+
+
 SCENARIOS: dict[str, Builder] = {
     "equal_sgd": _equal,
     "adamw_lambda": _adamw,
@@ -372,6 +404,23 @@ SCENARIOS: dict[str, Builder] = {
     "fp32_accumulation": _option("fp32_accumulation", accumulation_dtype="float32"),
     "distributed_items": _distributed("distributed_items", "items"),
     "distributed_mean": _distributed("distributed_mean", "mean"),
+    "probe_mean": _probe("probe_mean", AccumulationConfig(3), [[3] * 6]),
+    "probe_items_device": _probe(
+        "probe_items_device",
+        AccumulationConfig(3, normalization="items"),
+        [[2, 5, 3, 4, 1, 6]],
+        items_on_device=True,
+    ),
+    "probe_clip_norm": _probe(
+        "probe_clip_norm", AccumulationConfig(3, clip=ClipPolicy(max=0.5)), [[3] * 6]
+    ),
+    "probe_distributed": _probe(
+        "probe_distributed",
+        AccumulationConfig(2, normalization="items"),
+        [[(2, 3), (4, 1), (3, 3), (1, 5)]],
+        world_size=2,
+        pass_length="last_only",
+    ),
 }
 """Scenario name -> builder ``(precision, device) -> Scenario``."""
 

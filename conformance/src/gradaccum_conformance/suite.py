@@ -25,10 +25,10 @@ import torch
 
 from gradaccum import NonFiniteGradientError
 from gradaccum_conformance.compare import TOLERANCES, BrokenPromiseError, assert_trajectory
-from gradaccum_conformance.harness import Harness, Trajectory, check_harness
+from gradaccum_conformance.harness import Harness, MicrobatchRecord, Trajectory, check_harness
 from gradaccum_conformance.promises import CAPABILITIES, PROMISES
 from gradaccum_conformance.reference import ReferenceRun, plain_loop_trajectory, run_reference
-from gradaccum_conformance.scenario import Precision, Scenario
+from gradaccum_conformance.scenario import Precision, Probe, Scenario
 from gradaccum_conformance.scenarios import build_scenario
 
 __all__ = ["Conformance", "ConformanceSuite", "promises", "requires"]
@@ -141,6 +141,72 @@ class Conformance:
         """Skip (with ``why``) when the precision is fp16 with a GradScaler."""
         if self.precision == "fp16":
             pytest.skip(f"not applicable under fp16: {why}")
+
+    def probe(self, name: str, probe: Probe) -> tuple[Scenario, list[MicrobatchRecord]]:
+        """Run the catalogue scenario ``name`` with ``probe`` asked for; return
+        the scenario and the harness's per-microbatch records, after checking
+        that there is one per microbatch with the measurement in it."""
+        scenario = self.scenario(name).replace(probes=(probe,))
+        trajectory = self.run(scenario)
+        records = list(trajectory.microbatches)
+        where = f"harness {self.harness.name!r} declares capability 'probes', but on {name!r}"
+        fix = (
+            "record every microbatch with TrajectoryRecorder.microbatch "
+            "(gradaccum_conformance.probes.MicrobatchProbes.record does it)"
+        )
+        if len(records) != scenario.total_microbatches:
+            raise AssertionError(
+                f"{where} it recorded {len(records)} microbatch(es) of "
+                f"{scenario.total_microbatches}; {fix}"
+            )
+        boundaries = sum(r.boundary for r in records)
+        if boundaries != len(trajectory.params):
+            raise AssertionError(
+                f"{where} it recorded {boundaries} boundary microbatch(es) for "
+                f"{len(trajectory.params)} closed window(s); record boundary=True exactly "
+                f"for the microbatches whose window closed"
+            )
+        missing = [
+            i
+            for i, r in enumerate(records)
+            if (r.host_reads if probe == "host_reads" else r.extra_bytes) is None
+            and (probe == "host_reads" or not r.boundary)
+        ]
+        if missing:
+            raise AssertionError(f"{where} microbatches {missing} carry no {probe!r}; {fix}")
+        _check_teeth(boundaries < len(records), "has microbatches that are not boundaries")
+        return scenario, records
+
+    def broken(self, promise: str, scenario: Scenario, what: str, lines: list[str]) -> None:
+        """Raise :class:`BrokenPromiseError` blaming ``promise``."""
+        raise BrokenPromiseError(
+            (promise,),
+            f"  harness {self.harness.name!r}; {scenario.describe()}\n  {what}:\n"
+            + "\n".join(f"    {line}" for line in lines),
+        )
+
+
+def _record_lines(records: list[tuple[int, MicrobatchRecord]], value: str) -> list[str]:
+    lines: list[str] = []
+    for index, record in records:
+        kind = "boundary" if record.boundary else "not a boundary"
+        lines.append(f"microbatch {index} ({kind}): {value.format(r=record)}")
+        lines += [f"  {note}" for note in record.notes[:8]]
+    return lines
+
+
+PROBE_READS = [
+    pytest.param("probe_mean", id="mean"),
+    pytest.param("probe_items_device", id="items_device", marks=requires("device_items")),
+    pytest.param("probe_clip_norm", id="clip_norm"),
+    pytest.param("probe_distributed", id="distributed", marks=requires("distributed")),
+]
+PROBE_MEMORY = [
+    pytest.param("probe_mean", id="mean"),
+    pytest.param("probe_items_device", id="items_device", marks=requires("device_items")),
+    pytest.param("probe_clip_norm", id="clip_norm"),
+    pytest.param("probe_distributed", id="distributed", marks=requires("distributed")),
+]
 
 
 def _check_teeth(condition: bool, what: str) -> None:
@@ -455,6 +521,77 @@ class ConformanceSuite:
         """ACC-P1: accumulation_dtype='float32' on float32 parameters gives
         the reference trajectory."""
         conformance_amp.check(conformance_amp.scenario("fp32_accumulation", "float32"))
+
+    # -- ACC-B3, ACC-B4, ACC-P4: what the probes see -----------------------------------------
+    @requires("probes")
+    @promises("ACC-B3", "ACC-B4")
+    @pytest.mark.parametrize("name", PROBE_READS)
+    def test_host_reads_only_at_the_boundary(self, conformance: Conformance, name: str) -> None:
+        """ACC-B3, ACC-B4: two windows of 3 (mean; items with device counts;
+        clipping by norm; two ranks with the positions compared at every
+        boundary): no device-to-host read on a microbatch that is not a
+        boundary (on CUDA, no synchronisation at all), at most one at a
+        boundary."""
+        scenario, records = conformance.probe(name, "host_reads")
+        off = [(i, r) for i, r in enumerate(records) if not r.boundary and r.host_reads]
+        if off:
+            conformance.broken(
+                "ACC-B3",
+                scenario,
+                "host reads on microbatches that are not boundaries (allowed: 0)",
+                _record_lines(off, "{r.host_reads} read(s)"),
+            )
+        # ACC-D6: on several ranks a pass of unknown length ends with one comparison of the
+        # ranks' positions (one read) in end_pass, which harnesses count with the pass's
+        # last microbatch.
+        pass_end = scenario.world_size > 1 and scenario.pass_length != "known"
+        last = {v.global_index for v in scenario.iter_microbatches() if v.is_last_in_pass}
+        over = [
+            (i, r)
+            for i, r in enumerate(records)
+            if r.boundary and (r.host_reads or 0) > 1 + (pass_end and i in last)
+        ]
+        if over:
+            conformance.broken(
+                "ACC-B4",
+                scenario,
+                "more than one host read at a boundary (allowed: 1, plus the pass-end "
+                "comparison of ACC-D6 on the last microbatch of a pass of unknown length "
+                "on several ranks)",
+                _record_lines(over, "{r.host_reads} reads"),
+            )
+        if not any(r.host_reads for r in records if r.boundary):
+            raise AssertionError(
+                f"harness {conformance.harness.name!r} recorded no host read at any boundary of "
+                f"{name!r}: a boundary reads the non-finite verdict (ACC-B4), so the reads are "
+                f"not counted around the adapter's work; count them around the microbatch "
+                f"block and the end_pass after it (MicrobatchProbes.counting)"
+            )
+
+    @requires("probes")
+    @promises("ACC-P4")
+    @pytest.mark.parametrize("name", PROBE_MEMORY)
+    def test_no_buffer_held_between_microbatches(self, conformance: Conformance, name: str) -> None:
+        """ACC-P4: in the default configuration (mean; items with device counts;
+        clipping by norm; two ranks), after each microbatch that is not a
+        boundary the adapter holds less tensor memory than the smallest
+        parameter (a few 0-d scalars at most) beyond the parameters, their
+        gradients and the optimizer's state."""
+        scenario, records = conformance.probe(name, "memory")
+        smallest = min(p.numel() * p.element_size() for p in scenario.make_model().parameters())
+        held = [
+            (i, r)
+            for i, r in enumerate(records)
+            if not r.boundary and (r.extra_bytes or 0) >= smallest
+        ]
+        if held:
+            conformance.broken(
+                "ACC-P4",
+                scenario,
+                f"tensor memory held between microbatches (allowed: less than the smallest "
+                f"parameter, {smallest} B)",
+                _record_lines(held, "{r.extra_bytes} B held"),
+            )
 
     # -- ACC-D: distributed ----------------------------------------------------------------
     @requires("distributed")

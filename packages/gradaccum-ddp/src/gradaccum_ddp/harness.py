@@ -13,7 +13,9 @@ groups:
   counters, reductions): ranks that disagree fail the run.
 
 Gradient reductions are counted per window by
-:class:`~gradaccum_ddp.testing.ReductionCounter`. Use it with the suite::
+:class:`~gradaccum_ddp.testing.ReductionCounter`. The probes
+(``scenario.probes``: host reads, held memory) run inside each rank; the
+trajectory carries rank 0's. Use it with the suite::
 
     pytest --pyargs gradaccum_conformance --gradaccum-harness=gradaccum_ddp.harness:DDPHarness
 """
@@ -26,18 +28,23 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch._C._distributed_c10d import GradBucket
 from torch.nn.parallel import DistributedDataParallel
 
 import gradaccum.errors
 from gradaccum_conformance import (
     Harness,
+    HeldMemory,
+    HostReads,
+    MicrobatchProbes,
+    MicrobatchRecord,
     MicrobatchView,
     Scenario,
     Trajectory,
     TrajectoryRecorder,
 )
 from gradaccum_ddp.accumulator import DDPAccumulator
-from gradaccum_ddp.testing import ReductionCounter, launch, one_rank_group
+from gradaccum_ddp.testing import ReductionCounter, _counting_hook, launch, one_rank_group
 
 __all__ = ["DDPHarness", "trajectory_from_json", "trajectory_to_json"]
 
@@ -59,7 +66,39 @@ class _Run:
             scheduler=self.scheduler,
             scaler=self.scaler,
         )
-        self.counter = ReductionCounter(self.ddp, self.acc)
+        self.counter = _Counter(self.ddp, self.acc)
+
+
+class _Counter(ReductionCounter):
+    """A :class:`ReductionCounter` whose hook also keeps DDP's gradient buckets.
+
+    Its Python communication hook gives each bucket a Python tensor, which torch
+    then keeps alive with the bucket: the memory probe would count it as held
+    between microbatches. The buckets are DDP's (the model's), not the adapter's,
+    so the harness hands them to the probe to ignore (``bucket_buffers``).
+    """
+
+    def __init__(self, model: DistributedDataParallel, acc: Any) -> None:
+        self.bucket_buffers: dict[int, torch.Tensor] = {}
+        register = model.register_comm_hook
+
+        def register_keeping(state: object, hook: Any) -> None:
+            register(state, _keeping_hook)
+
+        model.register_comm_hook = register_keeping  # type: ignore[method-assign]
+        try:
+            super().__init__(model, acc)
+        finally:
+            del model.register_comm_hook
+
+
+def _keeping_hook(state: _Counter, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
+    state.bucket_buffers[bucket.index()] = bucket.buffer()
+    return _counting_hook(state, bucket)
+
+
+# DDP checks a hook's annotations as objects (see gradaccum_ddp.testing).
+_keeping_hook.__annotations__ = dict(_counting_hook.__annotations__)
 
 
 class DDPHarness(Harness):
@@ -81,6 +120,8 @@ class DDPHarness(Harness):
             "partial_carry",
             "partial_drop",
             "distributed",
+            "device_items",
+            "probes",
         }
     )
     timeout: ClassVar[float] = 180.0
@@ -128,7 +169,9 @@ class DDPHarness(Harness):
 
 def _shared(trajectory: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
     """What every rank must agree on. Outside ``items`` normalization item counts are
-    informational and each rank's own (``docs/ddp.md``)."""
+    informational and each rank's own (``docs/ddp.md``); the probes are each rank's own
+    measurements."""
+    trajectory = {k: v for k, v in trajectory.items() if k != "microbatches"}
     if scenario.config.normalization == "items":
         return trajectory
     stats = {k: v for k, v in trajectory["stats"].items() if k not in _PER_RANK_STATS}
@@ -152,39 +195,110 @@ def _generator(views: list[MicrobatchView]) -> Iterator[MicrobatchView]:
 
 
 def run_rank(harness: DDPHarness, scenario: Scenario, workdir: Path, rank: int) -> Trajectory:
-    """Run ``scenario`` as rank ``rank`` of the current process group."""
+    """Run ``scenario`` as rank ``rank`` of the current process group.
+
+    With ``scenario.probes``, reads are counted over the whole loop, because
+    ``iterate`` works between the microbatches: reads before a pass's first
+    microbatch belong to it (less the one comparison of a pass of known length
+    on several ranks, ACC-D6; a pass resumed after a checkpoint compares again),
+    reads after a microbatch (the ``end_pass`` inside ``iterate``) to that
+    microbatch; checkpoints are not counted. The memory baseline is taken once
+    every object and every view exists.
+    """
+    passes = _passes(scenario, rank)
     run = _Run(harness, scenario)
     recorder = TrajectoryRecorder(run.model)
-    for views in _passes(scenario, rank):
-        remaining = views
-        while remaining:
-            # "known": iterate() sees len() and plans a short last window; "last_only": a
-            # generator, so only the one-item look-ahead marks the last microbatch.
-            source = remaining if scenario.pass_length == "known" else _generator(remaining)
-            resumed_at: int | None = None
-            for view in run.acc.iterate(source):
-                windows, steps = run.acc.machine.state.windows, run.acc.stats.optimizer_steps
-                with run.acc.microbatch(items=view.items):
-                    with scenario.autocast():
-                        loss = scenario.loss(run.ddp(view.x), view.y)
-                    run.acc.backward(loss)
-                if run.acc.machine.state.windows != windows:
-                    recorder.window(
-                        run.model,
-                        run.optimizer,
-                        stepped=run.acc.stats.optimizer_steps != steps,
-                        reductions=run.counter.take(),
-                    )
-                if view.global_index == scenario.checkpoint_after and not view.is_last_in_pass:
-                    run = _checkpoint_and_resume(harness, scenario, run, workdir)
-                    resumed_at = view.index_in_pass + 1
+    # ACC-D6: the one comparison before a pass of known length (several ranks only).
+    allowed = 1 if scenario.pass_length == "known" and scenario.world_size > 1 else 0
+    with MicrobatchProbes(scenario, *_owners(run, recorder)) as probes:
+        for views in passes:
+            remaining = views
+            while remaining:
+                # "known": iterate() sees len() and plans a short last window; "last_only":
+                # a generator, so only the one-item look-ahead marks the last microbatch.
+                source = remaining if scenario.pass_length == "known" else _generator(remaining)
+                resumed_at: int | None = None
+                pending = _Pending(probes, recorder)
+                with probes.counting():
+                    for view in run.acc.iterate(source):
+                        pending.flush(probes.take(), allowed)
+                        windows = run.acc.machine.state.windows
+                        steps = run.acc.stats.optimizer_steps
+                        _microbatch(run, scenario, view)
+                        boundary = run.acc.machine.state.windows != windows
+                        reads = probes.take()
+                        with probes.paused():
+                            if boundary:
+                                recorder.window(
+                                    run.model,
+                                    run.optimizer,
+                                    stepped=run.acc.stats.optimizer_steps != steps,
+                                    reductions=run.counter.take(),
+                                )
+                            pending.hold(boundary, reads, probes.measure(boundary))
+                        if (
+                            view.global_index == scenario.checkpoint_after
+                            and not view.is_last_in_pass
+                        ):
+                            pending.flush(probes.take())
+                            with probes.paused():  # what a checkpoint needs (ACC-D6)
+                                run = _checkpoint_and_resume(harness, scenario, run, workdir)
+                            probes.track(*_owners(run, recorder))
+                            resumed_at = view.index_in_pass + 1
+                            break
+                pending.flush(probes.take())  # what the pass's end (inside iterate) read
+                if resumed_at is None:
+                    if views[-1].global_index == scenario.checkpoint_after:
+                        run = _checkpoint_and_resume(harness, scenario, run, workdir)
+                        probes.track(*_owners(run, recorder))
                     break
-            if resumed_at is None:
-                if views[-1].global_index == scenario.checkpoint_after:
-                    run = _checkpoint_and_resume(harness, scenario, run, workdir)
-                break
-            remaining = views[resumed_at:]
+                remaining = views[resumed_at:]
     return recorder.finish(run.acc.stats, run.scheduler)
+
+
+def _microbatch(run: _Run, scenario: Scenario, view: MicrobatchView) -> None:
+    """One microbatch (its loss and outputs die here, before any probe looks)."""
+    with run.acc.microbatch(items=view.count):
+        with scenario.autocast():
+            loss = scenario.loss(run.ddp(view.x), view.y)
+        run.acc.backward(loss)
+
+
+def _owners(run: _Run, recorder: TrajectoryRecorder) -> tuple[object, ...]:
+    """What the memory probe ignores: the model (through DDP), DDP's gradient
+    buckets, the optimizer, the scaler and the recorder's snapshots."""
+    return (run.ddp, run.counter.bucket_buffers, run.optimizer, run.scaler, recorder)
+
+
+class _Pending:
+    """The record of the last microbatch, held until the reads after it are known."""
+
+    def __init__(self, probes: MicrobatchProbes, recorder: TrajectoryRecorder) -> None:
+        self.probes = probes
+        self.recorder = recorder
+        self.record: tuple[bool, HostReads | None, HeldMemory | None] | None = None
+        self.carried: HostReads | None = None
+
+    def hold(self, boundary: bool, reads: HostReads | None, memory: HeldMemory | None) -> None:
+        if reads is not None and self.carried is not None:
+            reads = self.carried + reads
+        self.carried = None
+        self.record = (boundary, reads, memory)
+
+    def flush(self, after: HostReads | None, allowed: int = 0) -> None:
+        """Record the held microbatch with the reads made ``after`` it; with none
+        held (a pass starts), carry ``after`` — less ``allowed`` reads — into the
+        next microbatch."""
+        if self.record is None:
+            if after is not None:
+                after = after.minus_reads(allowed)
+                self.carried = after if self.carried is None else self.carried + after
+            return
+        boundary, reads, memory = self.record
+        self.record = None
+        if reads is not None and after is not None:
+            reads = reads + after
+        self.probes.record(self.recorder, boundary, reads=reads, memory=memory)
 
 
 def _checkpoint_and_resume(
@@ -248,6 +362,15 @@ def trajectory_to_json(trajectory: Trajectory) -> dict[str, Any]:
         "stats": {k: _json_value(v) for k, v in trajectory.stats.items()},
         "scheduler_steps": trajectory.scheduler_steps,
         "reductions_per_window": trajectory.reductions_per_window,
+        "microbatches": [
+            {
+                "boundary": r.boundary,
+                "host_reads": r.host_reads,
+                "extra_bytes": r.extra_bytes,
+                "notes": list(r.notes),
+            }
+            for r in trajectory.microbatches
+        ],
     }
 
 
@@ -268,4 +391,13 @@ def trajectory_from_json(data: dict[str, Any]) -> Trajectory:
         stats=dict(data["stats"]),
         scheduler_steps=data["scheduler_steps"],
         reductions_per_window=data["reductions_per_window"],
+        microbatches=[
+            MicrobatchRecord(
+                boundary=r["boundary"],
+                host_reads=r["host_reads"],
+                extra_bytes=r["extra_bytes"],
+                notes=tuple(r["notes"]),
+            )
+            for r in data.get("microbatches", [])
+        ],
     )

@@ -84,24 +84,25 @@ class TorchHarness(Harness):
             if state.windows > before_windows:
                 recorder.window(model, optimizer, stepped=state.optimizer_steps > before_steps)
 
-        for view in views:
-            state = acc.machine.state
-            steps, windows, closed_before = state.optimizer_steps, state.windows, state.windows
-            with probes.counting():
-                _microbatch(acc, model, scenario, view, known)
-            record(steps, windows)
-            if view.is_last_in_pass:
+        with probes:
+            for view in views:
                 state = acc.machine.state
-                steps, windows = state.optimizer_steps, state.windows
+                steps, windows, closed_before = state.optimizer_steps, state.windows, state.windows
                 with probes.counting():
-                    acc.end_pass()
+                    _microbatch(acc, model, scenario, view, known)
                 record(steps, windows)
-            probes.record(recorder, boundary=acc.machine.state.windows > closed_before)
-            if view.global_index == scenario.checkpoint_after:
-                acc.save(workdir / "checkpoint")
-                model, optimizer, acc = self._build(scenario)
-                acc.load(workdir / "checkpoint")
-                probes.track(model, optimizer, acc.scaler, recorder)
+                if view.is_last_in_pass:
+                    state = acc.machine.state
+                    steps, windows = state.optimizer_steps, state.windows
+                    with probes.counting():
+                        acc.end_pass()
+                    record(steps, windows)
+                probes.record(recorder, boundary=acc.machine.state.windows > closed_before)
+                if view.global_index == scenario.checkpoint_after:
+                    acc.save(workdir / "checkpoint")
+                    model, optimizer, acc = self._build(scenario)
+                    acc.load(workdir / "checkpoint")
+                    probes.track(model, optimizer, acc.scaler, recorder)
         return recorder.finish(acc.stats, acc.scheduler)
 
 
