@@ -1,7 +1,7 @@
 """gradaccum-conformance: the shared suite every gradaccum adapter must pass.
 
-An adapter provides a :class:`Harness` that runs a :class:`Scenario` through
-its public API and returns a :class:`Trajectory`; the suite compares it with
+An adapter provides a `Harness` that runs a `Scenario` through
+its public API and returns a `Trajectory`; the suite compares it with
 a float64 large-batch reference it computes itself. Two ways in::
 
     # 1. subclass the suite (how gradaccum's own adapters do it)

@@ -94,7 +94,7 @@ def assert_trajectory(
     against: str = "the float64 large-batch reference",
     check_stats: bool = True,
 ) -> None:
-    """Raise :class:`BrokenPromiseError` at the first difference that matters.
+    """Raise `BrokenPromiseError` at the first difference that matters.
 
     Checked in this order, each blamed on its promise: window outcomes
     (the test's promises and ACC-S1), learning rates and scheduler steps

@@ -1,7 +1,7 @@
 """The harness protocol: what an adapter provides to be tested.
 
-A harness runs a whole :class:`~gradaccum_conformance.scenario.Scenario`
-through an adapter's real public API and returns a :class:`Trajectory`.
+A harness runs a whole `Scenario`
+through an adapter's real public API and returns a `Trajectory`.
 Because it receives the whole scenario (not per-step callbacks), frameworks
 that own the training loop (``Trainer.fit``, ``accelerator.prepare``) can
 implement it as easily as a plain loop.
@@ -56,7 +56,7 @@ def snapshot_params(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class MicrobatchRecord:
-    """What the probes saw around one microbatch (:mod:`gradaccum_conformance.probes`).
+    """What the probes saw around one microbatch (`gradaccum_conformance.probes`).
 
     Attributes:
         boundary: a window closed in this microbatch (or in the ``end_pass``
@@ -97,7 +97,7 @@ class Trajectory:
             without a scheduler).
         reductions_per_window: gradient communications in each closed window
             (distributed harnesses; ``None`` if not counted).
-        microbatches: one :class:`MicrobatchRecord` per microbatch, in order,
+        microbatches: one `MicrobatchRecord` per microbatch, in order,
             from harnesses that record probes (empty otherwise).
     """
 
@@ -115,14 +115,14 @@ class Trajectory:
 
 
 class TrajectoryRecorder:
-    """Builds a :class:`Trajectory` while a harness runs.
+    """Builds a `Trajectory` while a harness runs.
 
-    Create it with the freshly built model, call :meth:`window` after every
+    Create it with the freshly built model, call `window` after every
     closed window (after the optimizer and the scheduler stepped or were
-    skipped), and :meth:`finish` at the end. One recorder spans a checkpoint
+    skipped), and `finish` at the end. One recorder spans a checkpoint
     and resume: pass the *new* model and optimizer after resuming. A harness
-    that declares the ``probes`` capability also calls :meth:`microbatch`
-    after every microbatch (:class:`~gradaccum_conformance.probes.MicrobatchProbes`
+    that declares the ``probes`` capability also calls `microbatch`
+    after every microbatch (`MicrobatchProbes`
     does it).
     """
 
@@ -155,7 +155,7 @@ class TrajectoryRecorder:
         extra_bytes: int | None = None,
         notes: tuple[str, ...] | list[str] = (),
     ) -> None:
-        """Record the probes of one microbatch (see :class:`MicrobatchRecord`)."""
+        """Record the probes of one microbatch (see `MicrobatchRecord`)."""
         self.trajectory.microbatches.append(
             MicrobatchRecord(
                 boundary=bool(boundary),
@@ -184,13 +184,13 @@ class TrajectoryRecorder:
 
 class Harness(abc.ABC):
     """An adapter under test. Subclass it, set the three attributes and
-    implement :meth:`run`.
+    implement `run`.
 
     Attributes:
         name: the adapter's name, shown in the report header, messages and
             the JSON report (e.g. ``"gradaccum-torch"``).
         capabilities: optional features the adapter supports, from
-            :data:`~gradaccum_conformance.promises.CAPABILITIES`. A test
+            `CAPABILITIES`. A test
             that needs one not declared is *skipped*, with the reason
             ``harness X does not declare capability Y``.
         expected_failures: ``{test name: reason}`` — tests known to fail for
@@ -225,8 +225,8 @@ class Harness(abc.ABC):
           ``view.is_last_in_pass``. End each pass as the adapter's API says.
         * The adapter decides everything else (scaling, syncing, clipping,
           weights, stepping the optimizer, the scheduler and the scaler).
-        * Record every closed window with :meth:`TrajectoryRecorder.window`
-          after its step or skip; finish with :meth:`TrajectoryRecorder.finish`
+        * Record every closed window with `TrajectoryRecorder.window`
+          after its step or skip; finish with `TrajectoryRecorder.finish`
           and the adapter's stats.
         * ``non_finite="raise"``: let ``NonFiniteGradientError`` propagate.
         * ``scenario.checkpoint_after = i``: after the backward of global
@@ -242,8 +242,8 @@ class Harness(abc.ABC):
         * ``scenario.items_on_device`` (capability ``device_items``): give the
           adapter ``view.count`` (a 0-d device tensor) instead of ``view.items``.
         * ``scenario.probes`` (capability ``probes``): measure each microbatch
-          and record it with :meth:`TrajectoryRecorder.microbatch`, through
-          :class:`~gradaccum_conformance.probes.MicrobatchProbes` (build it
+          and record it with `TrajectoryRecorder.microbatch`, through
+          `MicrobatchProbes` (build it
           once the objects exist, before the first microbatch; count reads
           around the ``microbatch`` block and the ``end_pass`` that follows
           it, not around the recording).
@@ -252,7 +252,7 @@ class Harness(abc.ABC):
 
 
 def load_harness(spec: str) -> Harness:
-    """Load ``"package.module:Name"``: a :class:`Harness` subclass (built
+    """Load ``"package.module:Name"``: a `Harness` subclass (built
     with no arguments), a callable returning a harness, or an instance."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:

@@ -6,7 +6,7 @@ not a boundary (ACC-B3), read more than once at a boundary (ACC-B4), or kept
 a parameter-sized buffer between microbatches (ACC-P4). These probes measure
 both, in the process (or rank) that runs the adapter:
 
-* :class:`HostReadCounter` counts device-to-host reads made by *any* code
+* `HostReadCounter` counts device-to-host reads made by *any* code
   inside it: it wraps ``torch.Tensor.item``, ``tolist``, ``numpy``,
   ``__bool__``, ``__float__``, ``__int__``, ``__index__``, ``__complex__``,
   ``equal``, ``allclose``, ``is_nonzero`` and ``torch.equal``,
@@ -16,7 +16,7 @@ both, in the process (or rank) that runs the adapter:
   a GPU. On CUDA it also turns on ``torch.cuda.set_sync_debug_mode("warn")``
   and counts the synchronisations torch reports (``syncs``), which also sees
   copies such as ``tensor.cpu()`` and syncs made without a read.
-* :class:`MemoryProbe` measures the tensor memory held beyond a baseline:
+* `MemoryProbe` measures the tensor memory held beyond a baseline:
   it walks ``gc.get_objects()`` for live tensors, dedupes them by storage
   (views and tensors sharing storage count once), leaves out every storage
   that existed at the baseline and every storage reachable from the objects
@@ -29,9 +29,9 @@ both, in the process (or rank) that runs the adapter:
   compares ``torch.cuda.memory_allocated`` with what the live tensors
   explain, from the first boundary on (before it, libraries allocate their
   workspaces), and counts what nothing explains.
-* :class:`MicrobatchProbes` is what a harness uses: both probes, as the
+* `MicrobatchProbes` is what a harness uses: both probes, as the
   scenario's ``probes`` field asks, recorded per microbatch with
-  :meth:`~gradaccum_conformance.TrajectoryRecorder.microbatch`.
+  `microbatch`.
 
 A harness (see the README)::
 
@@ -106,7 +106,7 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 @dataclass(frozen=True)
 class HostReads:
-    """Reads counted over some stretch of code (see :meth:`HostReadCounter.take`).
+    """Reads counted over some stretch of code (see `HostReadCounter.take`).
 
     Attributes:
         reads: calls of the read methods and functions (outermost calls only).
@@ -387,7 +387,7 @@ _LEAVES = (
 
 @dataclass(frozen=True)
 class HeldMemory:
-    """Memory held beyond the baseline (see :meth:`MemoryProbe.measure`).
+    """Memory held beyond the baseline (see `MemoryProbe.measure`).
 
     Attributes:
         extra_bytes: bytes of the extra storages (plus, on CUDA, device
@@ -486,9 +486,9 @@ class _Frozen:
 class MemoryProbe:
     """Tensor memory held beyond a baseline, by the objects nobody told it to ignore.
 
-    Create it (or call :meth:`baseline`) before the first microbatch, once
-    the model, the optimizer and the adapter exist; call :meth:`measure`
-    after a microbatch; :meth:`close` it (or use it as a context manager)
+    Create it (or call `baseline`) before the first microbatch, once
+    the model, the optimizer and the adapter exist; call `measure`
+    after a microbatch; `close` it (or use it as a context manager)
     when done. Storages live at the baseline are kept alive until then, so a
     new buffer can never take the address of one and hide behind it.
 
@@ -496,7 +496,7 @@ class MemoryProbe:
     probe freezes the garbage collector at the baseline (``gc.freeze()``,
     unless someone else froze it): measurements then walk only the objects
     created since, and the baseline's tensors through weak references (one
-    whose storage changed counts). :meth:`close` unfreezes it; so does the
+    whose storage changed counts). `close` unfreezes it; so does the
     probe's finalizer if it is dropped unclosed. Use one probe at a time in a
     process (nested ones must close first: a probe does not see the objects
     another one froze).
@@ -632,12 +632,12 @@ class MicrobatchProbes:
     Build it once the model, the optimizer and the adapter exist and the
     scenario's views were made (``list(scenario.iter_microbatches(rank))``),
     before the first microbatch: that is the memory baseline; use it as a
-    context manager (or :meth:`close` it) around the run. Then, per
-    microbatch, run the adapter's work inside :meth:`counting` and call
-    :meth:`record` (or :meth:`take` and :meth:`measure` and record yourself,
+    context manager (or `close` it) around the run. Then, per
+    microbatch, run the adapter's work inside `counting` and call
+    `record` (or `take` and `measure` and record yourself,
     when reads must be attributed by hand — an adapter that ends the pass
     inside its own iterator). With nothing asked, every method is a cheap
-    no-op and :meth:`record` records nothing.
+    no-op and `record` records nothing.
 
     Args:
         scenario: the scenario being run.
@@ -657,7 +657,7 @@ class MicrobatchProbes:
         self.close()
 
     def close(self) -> None:
-        """Release the memory probe (see :meth:`MemoryProbe.close`)."""
+        """Release the memory probe (see `MemoryProbe.close`)."""
         if self.memory is not None:
             self.memory.close()
 
@@ -676,7 +676,7 @@ class MicrobatchProbes:
         return self.counter if self.counter is not None else contextlib.nullcontext()
 
     def paused(self) -> contextlib.AbstractContextManager[Any]:
-        """Inside :meth:`counting`: do not count this (the harness's own work)."""
+        """Inside `counting`: do not count this (the harness's own work)."""
         return self.counter.paused() if self.counter is not None else contextlib.nullcontext()
 
     def take(self) -> HostReads | None:
@@ -701,7 +701,7 @@ class MicrobatchProbes:
         memory: HeldMemory | None = None,
     ) -> None:
         """``recorder.microbatch(...)`` for one microbatch: the reads since the
-        last :meth:`take` (or ``reads``) and, off the boundary, the memory
+        last `take` (or ``reads``) and, off the boundary, the memory
         (measured now unless ``memory`` is given).
 
         Off the boundary every CUDA synchronisation counts as a read (ACC-B3

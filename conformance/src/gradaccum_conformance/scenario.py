@@ -1,14 +1,14 @@
 """Scenarios: everything a harness needs to run one training run.
 
-A :class:`Scenario` is plain, frozen data plus small factories: the model,
+A `Scenario` is plain, frozen data plus small factories: the model,
 the optimizer and the LR scheduler are described by specs
-(:class:`ModelSpec`, :class:`OptimizerSpec`, :class:`SchedulerSpec`,
-:class:`ScalerSpec`) whose ``build`` methods make fresh, deterministic torch
+(`ModelSpec`, `OptimizerSpec`, `SchedulerSpec`,
+`ScalerSpec`) whose ``build`` methods make fresh, deterministic torch
 objects, so a harness can build them as many times as it needs (again after
 a checkpoint, once per rank, inside a framework's own hooks).
 
-The data are *canonical*: float64 CPU tensors. :meth:`Scenario.inputs` and
-:meth:`Scenario.iter_microbatches` hand them out in the scenario's parameter
+The data are *canonical*: float64 CPU tensors. `Scenario.inputs` and
+`Scenario.iter_microbatches` hand them out in the scenario's parameter
 dtype on its device.
 """
 
@@ -58,7 +58,7 @@ microbatch is the last one, from a one-ahead look: ``mark_last``)."""
 
 Probe: TypeAlias = Literal["host_reads", "memory"]
 """What a harness that declares the ``probes`` capability measures around
-each microbatch (see :mod:`gradaccum_conformance.probes`): ``host_reads``
+each microbatch (see `gradaccum_conformance.probes`): ``host_reads``
 (device-to-host reads, ACC-B3, ACC-B4) or ``memory`` (tensor memory held
 between microbatches, ACC-P4)."""
 
@@ -79,7 +79,7 @@ class Shard:
 
 @dataclass(frozen=True, eq=False)
 class Microbatch:
-    """One global microbatch: one :class:`Shard` per rank."""
+    """One global microbatch: one `Shard` per rank."""
 
     shards: tuple[Shard, ...]
 
@@ -95,7 +95,7 @@ class MicrobatchView:
 
     ``x`` and ``y`` are in the scenario's parameter dtype on its device.
     ``global_index`` counts microbatches over all passes from 0 (the unit of
-    :attr:`Scenario.checkpoint_after`).
+    `Scenario.checkpoint_after`).
     """
 
     pass_index: int
@@ -110,7 +110,7 @@ class MicrobatchView:
 
     @property
     def count(self) -> int | Tensor:
-        """The item count to give the adapter: :attr:`items` as a host int, or,
+        """The item count to give the adapter: `items` as a host int, or,
         when the scenario sets ``items_on_device``, the same count as a 0-d
         int64 tensor on the scenario's device (made with the view, so passing
         it costs no host-device copy)."""
@@ -257,32 +257,32 @@ class Scenario:
 
     Attributes:
         name: short identifier, used in messages and reports.
-        config: the :class:`~gradaccum.AccumulationConfig` to give the adapter.
+        config: the `AccumulationConfig` to give the adapter.
         passes: the data: ``passes[p][i]`` is microbatch ``i`` of pass (epoch) ``p``.
-        model / optimizer / scheduler: specs; build with :meth:`make_model`,
-            :meth:`make_optimizer`, :meth:`make_scheduler`.
+        model / optimizer / scheduler: specs; build with `make_model`,
+            `make_optimizer`, `make_scheduler`.
         loss_reduction: ``"mean"`` or ``"sum"`` of the per-item losses
             (``"sum"`` exactly when ``config.normalization == "items"``);
-            compute the loss with :meth:`loss`.
-        precision: see :data:`Precision`; derived: :attr:`param_dtype`,
-            :attr:`amp`, :attr:`autocast_dtype`.
+            compute the loss with `loss`.
+        precision: see `Precision`; derived: `param_dtype`,
+            `amp`, `autocast_dtype`.
         device: ``"cpu"`` or ``"cuda"``.
         world_size: ranks; rank ``r`` feeds ``iter_microbatches(rank=r)``.
-        scaler: GradScaler arguments (fp16 only); build with :meth:`make_scaler`.
+        scaler: GradScaler arguments (fp16 only); build with `make_scaler`.
         checkpoint_after: save after the backward of this global microbatch
             index (and after its pass ended, if it is the last of its pass),
             resume in fresh objects, continue (``None``: no checkpoint).
-        pass_length: see :data:`PassLength`.
+        pass_length: see `PassLength`.
         amp_overflow_windows: closed-window indices the scaler is set up to
             overflow on (the reference skips them).
         promises: the spec IDs the scenario is built to check.
         items_on_device: under ``items``, give the adapter each item count as
-            a 0-d tensor on the device (:attr:`MicrobatchView.count`); needs
+            a 0-d tensor on the device (`MicrobatchView.count`); needs
             the ``device_items`` capability.
         probes: what a harness declaring the ``probes`` capability measures
             per microbatch and records with
-            :meth:`~gradaccum_conformance.TrajectoryRecorder.microbatch`
-            (see :data:`Probe`; :class:`~gradaccum_conformance.probes.MicrobatchProbes`
+            `microbatch`
+            (see `Probe`; `MicrobatchProbes`
             does it). Empty: nothing to measure.
     """
 
@@ -343,7 +343,7 @@ class Scenario:
 
     @property
     def amp(self) -> AmpMode:
-        """The AMP mode implied by :attr:`precision`."""
+        """The AMP mode implied by `precision`."""
         if self.precision == "fp16":
             return "fp16-scaler"
         if self.precision == "bf16":
@@ -357,7 +357,7 @@ class Scenario:
 
     # -- factories ---------------------------------------------------------
     def make_model(self) -> nn.Sequential:
-        """A fresh CPU model in :attr:`param_dtype` (move it to :attr:`device`)."""
+        """A fresh CPU model in `param_dtype` (move it to `device`)."""
         return self.model.build(self.param_dtype)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -387,13 +387,13 @@ class Scenario:
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """The microbatch loss: per-item ``sum((output - target)**2)``,
-        then the mean or the sum over items (:attr:`loss_reduction`)."""
+        then the mean or the sum over items (`loss_reduction`)."""
         per_item = ((output - target) ** 2).sum(dim=-1)
         return per_item.mean() if self.loss_reduction == "mean" else per_item.sum()
 
     # -- data ----------------------------------------------------------------
     def inputs(self, shard: Shard) -> tuple[Tensor, Tensor]:
-        """``(x, y)`` of ``shard`` in :attr:`param_dtype` on :attr:`device`."""
+        """``(x, y)`` of ``shard`` in `param_dtype` on `device`."""
         return (
             shard.x.to(device=self.device, dtype=self.param_dtype),
             shard.y.to(device=self.device, dtype=self.param_dtype),

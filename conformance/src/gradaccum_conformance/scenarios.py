@@ -1,7 +1,7 @@
 """The scenario catalogue: one small, deterministic run per promise.
 
 Each builder takes the precision and the device and returns a
-:class:`~gradaccum_conformance.scenario.Scenario`. Models have 123
+`Scenario`. Models have 123
 parameters and runs a few windows, so the whole suite stays fast.
 """
 

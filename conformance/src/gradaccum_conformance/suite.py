@@ -178,7 +178,7 @@ class Conformance:
         return scenario, records
 
     def broken(self, promise: str, scenario: Scenario, what: str, lines: list[str]) -> None:
-        """Raise :class:`BrokenPromiseError` blaming ``promise``."""
+        """Raise `BrokenPromiseError` blaming ``promise``."""
         raise BrokenPromiseError(
             (promise,),
             f"  harness {self.harness.name!r}; {scenario.describe()}\n  {what}:\n"
@@ -217,7 +217,7 @@ def _check_teeth(condition: bool, what: str) -> None:
 
 class ConformanceSuite:
     """The suite. Subclass it (the class name must start with ``Test``) and
-    provide a ``harness`` fixture returning your :class:`Harness`."""
+    provide a ``harness`` fixture returning your `Harness`."""
 
     @pytest.fixture
     def harness(self) -> Harness:

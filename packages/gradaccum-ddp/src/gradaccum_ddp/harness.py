@@ -1,19 +1,19 @@
 """The conformance harness of gradaccum-ddp (needs ``gradaccum-conformance``).
 
-:class:`DDPHarness` runs a conformance :class:`~gradaccum_conformance.Scenario`
-through :class:`~gradaccum_ddp.DDPAccumulator`'s public API on real process
+`DDPHarness` runs a conformance `Scenario`
+through `DDPAccumulator`'s public API on real process
 groups:
 
 * ``world_size == 1``: in this process, on a one-rank gloo process group it
   creates (and destroys) around the run;
 * ``world_size > 1``: on that many fresh processes (``torch.multiprocessing``,
-  gloo on loopback, see :func:`gradaccum_ddp.testing.launch`). Each rank writes
+  gloo on loopback, see `gradaccum_ddp.testing.launch`). Each rank writes
   its trajectory as JSON; the harness returns rank 0's and first checks that
   every rank's is identical (parameters bitwise, learning rates, outcomes,
   counters, reductions): ranks that disagree fail the run.
 
 Gradient reductions are counted per window by
-:class:`~gradaccum_ddp.testing.ReductionCounter`. The probes
+`ReductionCounter`. The probes
 (``scenario.probes``: host reads, held memory) run inside each rank; the
 trajectory carries rank 0's. Use it with the suite::
 
@@ -70,7 +70,7 @@ class _Run:
 
 
 class _Counter(ReductionCounter):
-    """A :class:`ReductionCounter` whose hook also keeps DDP's gradient buckets.
+    """A `ReductionCounter` whose hook also keeps DDP's gradient buckets.
 
     Its Python communication hook gives each bucket a Python tensor, which torch
     then keeps alive with the bucket: the memory probe would count it as held
@@ -350,7 +350,7 @@ def _tensors_from_json(data: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def trajectory_to_json(trajectory: Trajectory) -> dict[str, Any]:
-    """A :class:`Trajectory` as JSON (float64 values survive exactly)."""
+    """A `Trajectory` as JSON (float64 values survive exactly)."""
     return {
         "initial_params": _tensors_to_json(trajectory.initial_params),
         "params": [_tensors_to_json(p) for p in trajectory.params],
@@ -379,7 +379,7 @@ def _json_value(value: Any) -> Any:
 
 
 def trajectory_from_json(data: dict[str, Any]) -> Trajectory:
-    """Inverse of :func:`trajectory_to_json`."""
+    """Inverse of `trajectory_to_json`."""
     return Trajectory(
         initial_params=_tensors_from_json(data["initial_params"]),
         params=[_tensors_from_json(p) for p in data["params"]],

@@ -66,7 +66,7 @@ class TorchHarness(Harness):
         return model, optimizer, accumulator
 
     def run(self, scenario: Scenario, workdir: Path) -> Trajectory:
-        """Run ``scenario`` through the public API; see :meth:`Harness.run`.
+        """Run ``scenario`` through the public API; see `Harness.run`.
 
         Probes (``scenario.probes``): the reads of each ``microbatch`` block
         and of the ``end_pass`` after it are counted; the memory held after
