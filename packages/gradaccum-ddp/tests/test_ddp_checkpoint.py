@@ -96,6 +96,9 @@ def test_uninterrupted_run_is_exact(all_runs: Path, normalization: str) -> None:
 def test_mid_window_checkpoint_holds_every_ranks_gradients_and_items(
     runs: tuple[Path, dict[str, list[Any]]],
 ) -> None:
+    """CKPT-18, ACC-R2: a mid-window checkpoint of 2 ranks, written by gradaccum-ddp, records
+    world_size 2 and holds each rank's own in-flight gradients and device item count under
+    gradients.rank<r> and items.rank<r>; its one state says items_in_window 0, device_items."""
     out, results = runs
     ckpt = read_checkpoint(out / "mid")
     assert ckpt.world_size == 2
@@ -129,6 +132,8 @@ def _single_process(path: Path, steps: int = SPEC["steps"]) -> Accumulator:
 def test_boundary_checkpoint_loads_into_single_process_gradaccum_torch(
     runs: tuple[Path, dict[str, list[Any]]],
 ) -> None:
+    """ACC-R5, CKPT-18: a boundary checkpoint of 2 DDP ranks (no gradient in flight) loads into
+    a single-process gradaccum-torch Accumulator, which continues as one large batch."""
     out, results = runs
     # steps=6: one single-process window takes both ranks' 3 microbatches (the global batch).
     acc = _single_process(out / "boundary", steps=6)
@@ -152,6 +157,7 @@ def test_boundary_checkpoint_loads_into_single_process_gradaccum_torch(
 def test_mid_window_checkpoint_refuses_another_world_size(
     runs: tuple[Path, dict[str, list[Any]]],
 ) -> None:
+    """ACC-R5, CKPT-18: a mid-window checkpoint of 2 ranks is refused by a single process."""
     out, _ = runs
     with pytest.raises(CheckpointMismatchError, match="2 rank"):
         _single_process(out / "mid")

@@ -35,6 +35,9 @@ def errors(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 def test_disagreement_raises_distributed_error_on_every_rank(
     errors: list[dict[str, Any]], case: str
 ) -> None:
+    """ACC-D5: ranks out of step (passes of different lengths, known or not, under every
+    partial-window policy; different configs) raise DistributedError on every rank, from the
+    comparison, not from a timeout."""
     for rank in range(2):
         outcome = errors[rank][case]
         assert outcome["type"] == "DistributedError", f"rank {rank}: {outcome}"
@@ -42,6 +45,7 @@ def test_disagreement_raises_distributed_error_on_every_rank(
 
 
 def test_uneven_known_lengths_name_both_counts_and_the_fix(errors: list[dict[str, Any]]) -> None:
+    """ACC-D5, ACC-E3: the error names each rank's pass length and the fix."""
     message = errors[0]["known_length"]["message"]
     assert "rank 0: 5" in message and "rank 1: 7" in message
     assert "DistributedSampler" in message and "drop_last=True" in message
@@ -49,6 +53,7 @@ def test_uneven_known_lengths_name_both_counts_and_the_fix(errors: list[dict[str
 
 
 def test_unknown_lengths_say_where_each_rank_is(errors: list[dict[str, Any]]) -> None:
+    """ACC-D5: without known pass lengths, the error says where each rank was."""
     message = errors[1]["unknown_length"]["message"]
     assert "rank 0 is" in message and "rank 1 is" in message
     assert "DistributedSampler" in message

@@ -93,7 +93,8 @@ def _check_windows(name: str, rank: int, result: dict[str, Any]) -> list[dict[st
 def test_no_collective_and_no_host_read_off_the_boundary(
     results: dict[str, list[dict[str, Any]]], name: str
 ) -> None:
-    """Non-boundary microbatches: 0 collectives (the accumulator's or DDP's), 0 host reads."""
+    """ACC-D6: non-boundary microbatches: 0 collectives (the accumulator's or DDP's), 0 host
+    reads."""
     for rank, result in enumerate(results[name]):
         for j, m in enumerate(_check_windows(name, rank, result)):
             if m["boundary"]:
@@ -140,7 +141,7 @@ def test_the_pass_start_compares_only_a_pass_of_known_length(
 def test_a_pass_of_known_length_ends_without_a_collective(
     results: dict[str, list[dict[str, Any]]], name: str
 ) -> None:
-    """After the pass's last microbatch (a boundary), ``end_pass`` communicates nothing."""
+    """ACC-D6: after the pass's last microbatch (a boundary), ``end_pass`` communicates nothing."""
     for rank, result in enumerate(results[name]):
         end = result["end"]
         assert not end["acc"] and not end["reads"], _where(name, rank, "pass end", end)

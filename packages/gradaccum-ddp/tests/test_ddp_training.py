@@ -97,6 +97,9 @@ def test_exactly_one_reduction_per_window(
 def test_ranks_agree_bitwise_and_on_counters(
     results: dict[str, list[dict[str, Any]]], name: str
 ) -> None:
+    """ACC-D2, ACC-D4: in every run (a NaN or an AMP overflow on one rank included) both ranks
+    hold the same parameters, loss scales and learning rates after every window, bitwise, and
+    end with the same counters (the per-rank item counts aside)."""
     zero, one = ok(results[name][0]), ok(results[name][1])
     assert zero["windows"] == one["windows"], "parameters, scales or lrs differ between ranks"
     per_rank = {"items_total", "items_in_window"} if SPECS[name].get("normalization") else set()
@@ -106,6 +109,7 @@ def test_ranks_agree_bitwise_and_on_counters(
 
 
 def test_items_total_is_the_global_count(results: dict[str, list[dict[str, Any]]]) -> None:
+    """ACC-C4: under items on 2 ranks, items_total is the item count over both ranks, on each."""
     for rank in range(2):
         assert ok(results["items"][rank])["stats"]["items_total"] == sum(map(sum, SIZES))
 
@@ -113,6 +117,7 @@ def test_items_total_is_the_global_count(results: dict[str, list[dict[str, Any]]
 def test_one_rank_nan_skips_the_step_on_both_ranks(
     results: dict[str, list[dict[str, Any]]],
 ) -> None:
+    """ACC-D4, ACC-F1: a NaN in one microbatch of rank 1 skips window 1 on both ranks."""
     for rank in range(2):
         result = ok(results["nan_one_rank"][rank])
         assert result["stats"]["skipped_steps"] == 1
@@ -124,6 +129,8 @@ def test_one_rank_nan_skips_the_step_on_both_ranks(
 def test_amp_overflow_on_one_rank_skips_on_both_with_equal_scales(
     results: dict[str, list[dict[str, Any]]],
 ) -> None:
+    """ACC-D4, ACC-F4: an AMP overflow on rank 1 skips the window on both ranks, whose loss
+    scales stay equal."""
     scales = [[w["scale"] for w in ok(results["amp_inf_one_rank"][r])["windows"]] for r in (0, 1)]
     assert scales[0] == scales[1]
     # growth_interval=1: the scale doubles after each step and halves after the overflow.

@@ -243,8 +243,8 @@ def test_host_reads(amp: bool, stepped_reads: int) -> None:
 def test_checkpoints_carry_the_models_own_names_and_load_into_plain_torch(
     tmp_path: Path,
 ) -> None:
-    """name_prefix: the example's mid-window checkpoint names parameters as the user's
-    model does ('0.weight', not 'net.0.weight'), so a plain gradaccum_torch
+    """CKPT-5, ACC-R5: name_prefix: the example's mid-window checkpoint names parameters as
+    the user's model does ('0.weight', not 'net.0.weight'), so a plain gradaccum_torch
     Accumulator on the bare model resumes it on the same trajectory, bitwise."""
     batches = make_batches([3, 2, 4, 1, 3, 2, 5, 2, 3, 1])
 

@@ -121,7 +121,7 @@ def test_state_dict_round_trip_mid_window() -> None:
 
 
 def test_names_are_wrapper_free(tmp_path: Path) -> None:
-    """checkpoint-v1: a checkpoint from a DataParallel-wrapped model loads into the bare model."""
+    """CKPT-5: a checkpoint from a DataParallel-wrapped model loads into the bare model."""
     batches = make_batches(SIZES[:6])
     inner = make_model()
     wrapped = torch.nn.DataParallel(inner)

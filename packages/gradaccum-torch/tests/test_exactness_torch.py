@@ -144,8 +144,8 @@ class Recorder(AccumulationCallback):
 
 
 def test_events_arrive_in_order_with_counters() -> None:
-    """ACC-C2, ACC-C3: one on_microbatch per microbatch, one on_step per step (effective_step
-    counts them), one on_skip per skipped window, one on_epoch_end per pass."""
+    """ACC-C2, ACC-C3, ACC-S2: one on_microbatch per microbatch, one on_step per step
+    (effective_step counts them), one on_skip per skipped window, one on_epoch_end per pass."""
     recorder = Recorder()
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

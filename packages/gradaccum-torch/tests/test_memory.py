@@ -81,6 +81,8 @@ def _param_sized(tensors: list[torch.Tensor], model: torch.nn.Module) -> list[to
 
 @pytest.mark.parametrize("normalization", ["mean", "items"])
 def test_default_config_holds_no_gradient_buffer(normalization: str) -> None:
+    """ACC-P4, ACC-B2: mid-window the gradient lives in param.grad and nowhere else; the
+    boundary steps and sets every .grad to None."""
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     acc = Accumulator(model, opt, steps=4, normalization=normalization)

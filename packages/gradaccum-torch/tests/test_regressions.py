@@ -374,7 +374,7 @@ def _items_train(batches: list[Batch]) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("bad", list(BAD_COUNTS))
 def test_bad_device_item_count_discards_the_window(bad: str) -> None:
-    """ACC-N8, ACC-B5: a device count that is NaN, inf, -5 (alone, or with +10 in the same
+    """ACC-N8, ACC-B5, ACC-B2: a device count that is NaN, inf, -5 (alone, or with +10 in the same
     window so the total 5 looks valid) or 2.5 raises ItemCountError at the window's
     boundary; the accumulator stays usable: phase idle, every .grad None,
     dropped_windows 1, no step for that window (1 step before, 0 during), and the two
@@ -481,7 +481,7 @@ def test_bad_device_item_count_survives_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_bad_device_item_count_in_a_window_closed_by_end_pass() -> None:
-    """ACC-B5, ACC-W7: a short window (2 of 4) closed by end_pass with a device count of -1
+    """ACC-B5, ACC-W7, ACC-B2: a short window (2 of 4) closed by end_pass with a device count of -1
     raises ItemCountError from end_pass, and the pass still ends: epoch 1, dropped_windows 1,
     no step, every .grad None, phase idle; the next pass steps (1 step, epoch 2)."""
     batches = make_batches([3, 2, 3, 2, 1, 1], seed=8)
@@ -928,3 +928,68 @@ def test_before_step_runs_once_per_step_and_its_changes_are_applied() -> None:
     assert all(
         not torch.equal(a, s) for i, (a, s) in enumerate(zip(after, start, strict=True)) if i != 2
     )
+
+
+# -- ACC-B2: gradients set to None after every closed window ------------------------------
+
+
+def _all_none(model: torch.nn.Module) -> bool:
+    return all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", ["stepped", "non_finite", "empty", "amp_overflow"])
+def test_gradients_are_none_after_every_closed_window(how: str) -> None:
+    """ACC-B2: after a closed window — stepped, skipped for a non-finite gradient, empty
+    (zero items), or skipped for an AMP overflow — every ``.grad`` is None (set_to_none),
+    and mid-window it is not: the window's two microbatches' gradients are in ``.grad``."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if how == "amp_overflow" else torch.float64
+    model = make_model(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40) if how == "amp_overflow" else None
+    acc = Accumulator(model, opt, steps=2, normalization="items", scaler=scaler)
+    batches = make_batches([3, 2], dtype=dtype)
+    if how == "non_finite":
+        batches[1] = (batches[1][0] * float("nan"), batches[1][1])
+    counts = [0, 0] if how == "empty" else [3, 2]
+    results = []
+    for i, (batch, n) in enumerate(zip(batches, counts, strict=True)):
+        with acc.microbatch(n, last=i == 1):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=how == "amp_overflow"):
+                loss = sum_loss(model, batch)
+            results.append(acc.backward(loss))
+        if i == 0:
+            assert not _all_none(model), "inside the window the gradient lives in .grad"
+    assert results[-1].boundary and results[-1].outcome == how
+    assert _all_none(model)
+
+
+def test_gradients_are_none_before_non_finite_gradient_error() -> None:
+    """ACC-B2, ACC-F2: under non_finite='raise' the gradients are already None when
+    NonFiniteGradientError reaches the caller, and the window counts as skipped."""
+    from gradaccum import NonFiniteGradientError
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, opt, steps=1, non_finite="raise")
+    x, y = make_batches([2])[0]
+    with pytest.raises(NonFiniteGradientError), acc.microbatch():
+        acc.backward(mean_loss(model, (x * float("inf"), y)))
+    assert _all_none(model)
+    assert acc.stats.skipped_steps == 1
+
+
+def test_gradients_are_none_after_a_drop_policy_discard() -> None:
+    """ACC-B2, ACC-W5: a partial window discarded by partial_window='drop' at the end of a
+    pass leaves every .grad None; dropped_windows is 1 and nothing stepped."""
+    model = make_model()
+    before = params_of(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accumulator(model, opt, steps=4, partial_window="drop")
+    for batch in acc.iterate(make_batches([2, 3])):
+        with acc.microbatch():
+            acc.backward(mean_loss(model, batch))
+        assert not _all_none(model)
+    assert _all_none(model)
+    assert acc.stats.dropped_windows == 1 and acc.stats.optimizer_steps == 0
+    assert _equal(params_of(model), before)

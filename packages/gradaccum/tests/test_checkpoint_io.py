@@ -354,7 +354,7 @@ def test_truncated_file(ckpt: Path) -> None:
 
 @pytest.mark.parametrize("offset", [-1, 12], ids=["data-byte", "header-byte"])
 def test_flipped_byte(ckpt: Path, offset: int) -> None:
-    """CKPT-7: one flipped byte, in the data or in the header, fails the
+    """CKPT-7, CKPT-17: one flipped byte, in the data or in the header, fails the
     file's SHA-256; the message names both digests and the fix."""
     f = ckpt / "gradients.safetensors"
     blob = bytearray(f.read_bytes())
