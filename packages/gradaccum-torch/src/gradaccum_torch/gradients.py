@@ -144,9 +144,15 @@ class GradientStore(abc.ABC):
                     f"the parameter has shape {tuple(by_name[name].shape)}"
                 )
 
-    @abc.abstractmethod
     def load(self, gradients: Mapping[str, torch.Tensor]) -> None:
-        """Replace the window gradient with ``gradients`` (checked with `check` first)."""
+        """Replace the window gradient with ``gradients``: `check` first (raises
+        `CheckpointMismatchError`, nothing changed), then `_install`."""
+        self.check(gradients)
+        self._install(gradients)
+
+    @abc.abstractmethod
+    def _install(self, gradients: Mapping[str, torch.Tensor]) -> None:
+        """Replace the window gradient with checked ``gradients``."""
 
     def held(self) -> list[torch.Tensor]:
         """Tensors this store holds besides ``param.grad`` (memory probes, ACC-P4)."""
@@ -213,7 +219,7 @@ class InPlaceGradients(GradientStore):
             n: p.grad for n, p in zip(self.names, self.params, strict=True) if p.grad is not None
         }
 
-    def load(self, gradients: Mapping[str, torch.Tensor]) -> None:
+    def _install(self, gradients: Mapping[str, torch.Tensor]) -> None:
         self.zero()
         by_name = self.by_name
         for name, tensor in gradients.items():
@@ -293,7 +299,7 @@ class BufferedGradients(GradientStore):
             if id(p) in self._buffers
         }
 
-    def load(self, gradients: Mapping[str, torch.Tensor]) -> None:
+    def _install(self, gradients: Mapping[str, torch.Tensor]) -> None:
         self.zero()
         by_name = self.by_name
         for name, tensor in gradients.items():
