@@ -27,7 +27,6 @@ adapter contract's `DDPDistributed` and hands it to the torch accumulator.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, NoReturn
@@ -202,20 +201,6 @@ class DDPAccumulator(Accumulator):
         accumulator makes itself (a window closed without a synced backward).
         `gradaccum_ddp.testing.ReductionCounter` uses it."""
         self._ddp_distributed.add_reduction_observer(observer)
-
-    def backward(self, loss: torch.Tensor) -> BackwardResult:
-        """As `Accumulator.backward`; a failed gradient all-reduce (a dead
-        or stuck peer) raises `DistributedError`."""
-        communicates = self.sync_gradients
-        guard = (
-            communication_errors(
-                "the boundary backward (gradient all-reduce)", self.rank, always=False
-            )
-            if communicates
-            else contextlib.nullcontext()
-        )
-        with guard:
-            return super().backward(loss)
 
     def accumulate(
         self, loss: torch.Tensor, *, items: int | torch.Tensor | None = None, last: bool = False

@@ -1,4 +1,8 @@
-"""Checkpoints of a `DDPAccumulator` in the shared format.
+"""Checkpoints of a `Accumulator` in the shared format.
+
+Any accumulator whose distributed side is a `DDPDistributed` (``DDPAccumulator``,
+the Accelerate and Lightning adapters on several processes) saves and loads
+through these two functions.
 
 One directory per checkpoint, written once, by rank 0, atomically
 (``spec/checkpoint-v1.md``): the common accumulation state and config, the
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradaccum.checkpoint import MANIFEST_NAME, Producer, write_checkpoint
-from gradaccum.errors import DistributedError
+from gradaccum.errors import DistributedError, UsageError
 from gradaccum.lockstep import Tag, describe, digest
 from gradaccum_ddp.collectives import (
     communication_errors,
@@ -44,18 +48,19 @@ from gradaccum_ddp.collectives import (
     pack_files,
     unpack_files,
 )
+from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_torch.checkpoint import collect, items_role, load_checkpoint
 from gradaccum_torch.tensor_io import tensors_to_bytes
 
 if TYPE_CHECKING:
-    from gradaccum_ddp.accumulator import DDPAccumulator
+    from gradaccum_torch import Accumulator
 
 __all__ = ["load_distributed", "save_distributed"]
 
 _PER_RANK_KEYS = ("items_in_window", "items_total")
 
 
-def _common_state(acc: DDPAccumulator, state: dict[str, Any]) -> dict[str, Any]:
+def _common_state(acc: Accumulator, state: dict[str, Any]) -> dict[str, Any]:
     """The part of the state every rank must agree on. Outside ``items``
     normalization item counts are informational and this rank's own."""
     if acc.config.normalization == "items":
@@ -63,8 +68,19 @@ def _common_state(acc: DDPAccumulator, state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k not in _PER_RANK_KEYS}
 
 
+def _ranks(acc: Accumulator) -> DDPDistributed:
+    """The accumulator's process group (its distributed side must be a DDPDistributed)."""
+    ranks = acc.distributed
+    if not isinstance(ranks, DDPDistributed):
+        raise UsageError(
+            f"a checkpoint of several ranks needs the accumulator's distributed side to be a "
+            f"gradaccum_ddp.DDPDistributed, got {type(ranks).__name__}"
+        )
+    return ranks
+
+
 def _fold_items(
-    acc: DDPAccumulator, state: dict[str, Any], files: dict[str, bytes]
+    acc: Accumulator, state: dict[str, Any], files: dict[str, bytes]
 ) -> dict[str, Any]:
     """Move this rank's item count of the open window into ``items.rank<r>``."""
     if acc.config.normalization != "items" or state["position"] == 0:
@@ -74,12 +90,13 @@ def _fold_items(
     if device_items is not None:
         local = local + device_items.detach().to("cpu", torch.float64)
     local = local + float(state["items_in_window"])
-    files[items_role(acc.rank, acc.world_size)] = tensors_to_bytes({"items": local})
+    ranks = acc.distributed
+    files[items_role(ranks.rank, ranks.world_size)] = tensors_to_bytes({"items": local})
     return {**state, "items_in_window": 0, "device_items": True}
 
 
 def save_distributed(
-    acc: DDPAccumulator,
+    acc: Accumulator,
     path: str | os.PathLike[str],
     *,
     model: bool = True,
@@ -88,8 +105,9 @@ def save_distributed(
     scaler: bool = True,
 ) -> None:
     """Write ``acc``'s checkpoint (see the module docstring); call on every rank."""
-    rank, world = acc.rank, acc.world_size
-    group, device = acc.process_group, acc.comm_device
+    ranks = _ranks(acc)
+    rank, world = ranks.rank, ranks.world_size
+    group, device = ranks.group, ranks.device
     config = acc.config.to_dict()
     state = acc.machine.state_dict()
     files: dict[str, bytes] = {}
@@ -146,10 +164,11 @@ def save_distributed(
     )
 
 
-def load_distributed(acc: DDPAccumulator, path: str | os.PathLike[str]) -> None:
+def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
     """Restore ``acc`` on every rank from ``path``; every rank must see the same
     directory (on several nodes: a shared file system)."""
-    rank, group, device = acc.rank, acc.process_group, acc.comm_device
+    ranks = _ranks(acc)
+    rank, group, device = ranks.rank, ranks.group, ranks.device
     try:
         manifest = (Path(os.fspath(path)) / MANIFEST_NAME).read_bytes()
     except OSError:

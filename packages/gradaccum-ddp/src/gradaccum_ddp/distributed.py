@@ -65,8 +65,14 @@ class DDPDistributed:
         self._observers.append(observer)
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
-        """DDP's ``no_sync()`` unless ``sync``."""
-        return contextlib.nullcontext() if sync else self.model.no_sync()
+        """DDP's ``no_sync()`` unless ``sync``; when syncing, a failure of DDP's own
+        gradient all-reduce inside the backward (a dead or stuck peer) becomes a
+        `gradaccum.DistributedError` (other errors pass through unchanged)."""
+        if not sync:
+            return self.model.no_sync()
+        return communication_errors(
+            "the boundary backward (DDP's gradient all-reduce)", self._rank, always=False
+        )
 
     def reduce_gradients(self, grads: Sequence[torch.Tensor]) -> None:
         """Average ``grads`` over the ranks, in place."""
