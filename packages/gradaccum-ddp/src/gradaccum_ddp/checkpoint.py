@@ -79,9 +79,7 @@ def _ranks(acc: Accumulator) -> DDPDistributed:
     return ranks
 
 
-def _fold_items(
-    acc: Accumulator, state: dict[str, Any], files: dict[str, bytes]
-) -> dict[str, Any]:
+def _fold_items(acc: Accumulator, state: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
     """Move this rank's item count of the open window into ``items.rank<r>``."""
     if acc.config.normalization != "items" or state["position"] == 0:
         return state
