@@ -16,7 +16,7 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = False  # a Python you do not have is skipped, not failed
-nox.options.sessions = ["lint", "typecheck", "core", "tests", "conformance", "docs"]
+nox.options.sessions = ["lint", "typecheck", "core", "tests", "oldest", "conformance", "docs"]
 
 ROOT = Path(__file__).resolve().parent
 TORCH = "torch==2.13.0"
@@ -81,12 +81,13 @@ def _install_local(session: nox.Session, *targets: str) -> None:
     session.install(*args)
 
 
-def _install_torch(session: nox.Session) -> None:
-    """Install the CPU torch wheel first and pin it for every later install in this session."""
+def _install_torch(session: nox.Session, *pins: str) -> None:
+    """Install the CPU torch wheel first and pin it (and ``pins``) for every later install in
+    this session."""
     if session.python != "3.11":
         session.error(f"{TORCH} exists only for CPython 3.11; this session runs {session.python}")
     constraints = Path(session.create_tmp()) / "torch-constraint.txt"
-    constraints.write_text(TORCH + "\n")
+    constraints.write_text("".join(f"{pin}\n" for pin in (TORCH, *pins)))
     session.env["PIP_CONSTRAINT"] = str(constraints)
     session.install(TORCH)
 
@@ -136,6 +137,33 @@ def tests(session: nox.Session, package: str) -> None:
     """One adapter package's own tests, with torch, the core and the conformance plugin."""
     _install_torch(session)
     _install_local(session, package, *[n for n in ("gradaccum-conformance",) if n in LOCAL])
+    session.run("pytest", f"{LOCAL[package]}/tests", *session.posargs)
+
+
+OLDEST: dict[str, list[str]] = {
+    "gradaccum-accelerate": ["accelerate==1.0.0"],
+}
+"""The oldest framework release each adapter declares (its pyproject's lower bound), pinned."""
+
+CHECK_VERSION = """
+import importlib.metadata, sys
+name, wanted = sys.argv[1:3]
+found = importlib.metadata.version(name)
+print(f"{name} {found}")
+sys.exit(0 if found == wanted else f"{name} {found} installed, {wanted} wanted")
+"""
+
+
+@nox.session(python="3.11")
+@nox.parametrize("package", list(OLDEST), ids=list(OLDEST))
+def oldest(session: nox.Session, package: str) -> None:
+    """An adapter's tests against the oldest framework release it declares."""
+    _install_torch(session, *OLDEST[package])
+    session.install(*OLDEST[package])
+    _install_local(session, package, "gradaccum-conformance")
+    for pin in OLDEST[package]:  # the resolver must not have moved the pin
+        name, version = pin.split("==")
+        session.run("python", "-c", CHECK_VERSION, name, version)
     session.run("pytest", f"{LOCAL[package]}/tests", *session.posargs)
 
 

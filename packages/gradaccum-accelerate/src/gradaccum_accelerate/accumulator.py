@@ -162,12 +162,13 @@ class AccelerateFramework(TorchFramework):
     ) -> None:
         super().__init__(optimizer, scheduler, scaler)
         self.accelerator = accelerator
-        self._own_scaler = scaler is not None and scaler is not accelerator.scaler
+        self.own_scaler = scaler is not None and scaler is not accelerator.scaler
+        """The scaler was given explicitly (Accelerate neither uses nor saves it)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """``accelerator.backward(loss)`` (its loss scaler applies); with an
         explicit scaler, ``scaler.scale(loss).backward()``."""
-        if self._own_scaler:
+        if self.own_scaler:
             super().backward(loss)
         else:
             self.accelerator.backward(loss)
@@ -263,7 +264,9 @@ class Accumulator(TorchAccumulator):
             raise ConfigError(f"lockstep={lockstep!r} must be 'auto', 'window' or 'pass'")
         if not isinstance(checkpoint_hooks, bool):
             raise ConfigError(f"checkpoint_hooks={checkpoint_hooks!r} must be True or False")
-        if scaler is not None and accelerator.scaler is not None:
+        own = accelerator.scaler
+        own = own if own is not None and own.is_enabled() else None
+        if scaler is not None and own is not None:
             raise ConfigError(
                 "scaler= was given but the Accelerator has its own loss scaler "
                 "(accelerator.scaler, mixed_precision='fp16' on a GPU), which gradaccum uses; "
@@ -271,21 +274,22 @@ class Accumulator(TorchAccumulator):
             )
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise ConfigError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if str(accelerator.mixed_precision) == "fp16" and accelerator.scaler is None:
-            if scaler is None:
-                raise ConfigError(
-                    "Accelerator(mixed_precision='fp16') has no loss scaler here (on the CPU "
-                    "Accelerate silently trains in fp32: no autocast, no GradScaler); use "
-                    "mixed_precision='bf16', or pass scaler=torch.amp.GradScaler('cpu') and run "
-                    "the forward under torch.autocast('cpu', dtype=torch.float16) yourself"
-                )
+        if str(accelerator.mixed_precision) == "fp16" and own is None and scaler is None:
+            raise ConfigError(
+                "Accelerator(mixed_precision='fp16') has no loss scaler here (on the CPU "
+                "Accelerate silently trains in fp32: no autocast, no GradScaler); use "
+                "mixed_precision='bf16', or pass scaler=torch.amp.GradScaler('cpu') and run "
+                "the forward under torch.autocast('cpu', dtype=torch.float16) yourself"
+            )
         processes = accelerator.num_processes
         if processes > 1 and not isinstance(model, DistributedDataParallel):
             raise ConfigError(
                 f"on {processes} processes the model must be the one accelerator.prepare "
                 f"returned (a DistributedDataParallel), got {type(model).__name__}"
             )
-        raw_optimizer = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+        raw_optimizer = (
+            optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+        )
         raw_scheduler = (
             scheduler.scheduler if isinstance(scheduler, AcceleratedScheduler) else scheduler
         )
@@ -294,9 +298,7 @@ class Accumulator(TorchAccumulator):
                 f"optimizer must be the one accelerator.prepare returned (or a torch optimizer), "
                 f"got {type(optimizer).__name__}"
             )
-        framework = AccelerateFramework(
-            accelerator, raw_optimizer, raw_scheduler, scaler or accelerator.scaler
-        )
+        framework = AccelerateFramework(accelerator, raw_optimizer, raw_scheduler, scaler or own)
         distributed: AcceleratorProcesses | ProcessGroupOfAccelerator
         if processes > 1:
             assert isinstance(model, DistributedDataParallel)
@@ -330,6 +332,8 @@ class Accumulator(TorchAccumulator):
         # gradaccum owns the steps now, so a step left in the loop is refused, loudly.
         _refuse_step(optimizer, "optimizer.step()", "steps the optimizer")
         _refuse_step(scheduler, "scheduler.step()", "steps the scheduler once per update")
+        if isinstance(optimizer, AcceleratedOptimizer):
+            _guard_zero_grad(optimizer, self)
         self._hooks: list[Any] = []
         if checkpoint_hooks:
             self._hooks = [
@@ -371,13 +375,16 @@ class Accumulator(TorchAccumulator):
     def _save_state_hook(
         self, models: Sequence[torch.nn.Module], weights: Sequence[Any], output_dir: str
     ) -> None:
-        # Accelerate saves the model, optimizer, scheduler and scaler itself.
+        # Accelerate saves the model, the optimizer, the scheduler and its own scaler; a
+        # scaler given as scaler= (fp16 on the CPU) it does not know: that one goes here.
+        framework = self.framework
+        explicit = isinstance(framework, AccelerateFramework) and framework.own_scaler
         self.save(
             Path(output_dir) / CHECKPOINT_DIR,
             model=False,
             optimizer=False,
             scheduler=False,
-            scaler=False,
+            scaler=explicit,
         )
 
     def _load_state_hook(self, models: Sequence[torch.nn.Module], input_dir: str) -> None:
@@ -406,3 +413,20 @@ def _refuse_step(obj: Any, call: str, what: str) -> None:
         )
 
     obj.step = refused
+
+
+def _guard_zero_grad(optimizer: AcceleratedOptimizer, acc: Accumulator) -> None:
+    """``optimizer.zero_grad()`` on the prepared optimizer: harmless between windows
+    (gradaccum has zeroed already), refused inside an open window, whose gradient
+    it would discard (Accelerate lets it through on the boundary microbatch)."""
+    zero_grad = optimizer.zero_grad
+
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        if acc.is_accumulating:
+            raise UsageError(
+                "optimizer.zero_grad() was called inside an open window and would discard its "
+                "gradient: remove the call; gradaccum zeroes the gradients after every window"
+            )
+        zero_grad(*args, **kwargs)
+
+    optimizer.zero_grad = guarded

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradaccum.errors import DistributedError, NonFiniteGradientError
+from gradaccum.errors import DistributedError, NonFiniteGradientError, UsageError
 from gradaccum.lockstep import ROW, describe, window_row
 from gradaccum.machine import AccumulationMachine
 from gradaccum.state import Outcome, WindowDecision
@@ -153,7 +153,18 @@ def close_window(
             if framework.scaled_boundary:
                 scale = scaler._scale
             else:
-                scaler.unscale_(framework.optimizer)
+                try:
+                    scaler.unscale_(framework.optimizer)
+                except RuntimeError as exc:
+                    if "already been called" not in str(exc):
+                        raise
+                    raise UsageError(
+                        "the GradScaler was unscaled since its last update by someone else "
+                        "(scaler.unscale_, or a framework's clip_grad_norm_ such as "
+                        "accelerator.clip_grad_norm_ after the boundary): remove that call and "
+                        "clip with clip=ClipPolicy(...), which gradaccum applies once per window "
+                        "after its own unscale"
+                    ) from exc
                 unscaled = True
                 per_device = list(scaler._found_inf_per_device(framework.optimizer).values())
                 if per_device:

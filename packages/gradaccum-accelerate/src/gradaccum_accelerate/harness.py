@@ -1,0 +1,313 @@
+"""The conformance harness of gradaccum-accelerate (needs ``gradaccum-conformance``).
+
+`AccelerateHarness` runs a conformance `Scenario` through real Accelerate and
+`gradaccum_accelerate.Accumulator`'s public API, the way a user's script does:
+``Accelerator(cpu=True)``, ``accelerator.prepare(model, optimizer, scheduler)``,
+``Accumulator(accelerator, model, optimizer, config=..., scheduler=...)``, and
+``acc.iterate`` / ``acc.microbatch`` / ``acc.backward``:
+
+* ``world_size == 1``: in this process, Accelerate's ``DistributedType.NO``
+  (`gradaccum_accelerate.testing.one_process`);
+* ``world_size > 1``: on that many fresh processes in Accelerate's
+  ``MULTI_CPU`` environment (`gradaccum_accelerate.testing.launch_accelerate`:
+  gloo on loopback; the prepared model is a ``DistributedDataParallel``).
+  Each rank writes its trajectory as JSON; the harness returns rank 0's once
+  it has checked that every rank's is identical, as
+  `gradaccum_ddp.harness.DDPHarness` does (whose pieces it reuses: the
+  trajectory's JSON form, the reduction counter, the probes' bookkeeping).
+
+Accelerate's singletons are reset before every ``Accelerator`` is built.
+
+Precision:
+
+* ``fp16``: on the CPU Accelerate's ``mixed_precision="fp16"`` is a silent
+  fp32 run (no autocast, no scaler). The harness builds
+  ``Accelerator(cpu=True, mixed_precision="fp16")`` and passes
+  ``scaler=scenario.make_scaler()`` with the forward under
+  ``scenario.autocast()``: the one way to train fp16 with Accelerate on a CPU,
+  which the adapter documents (and refuses without ``scaler=``). It tests the
+  adapter's loss scaling, unscaling and overflow skips, not Accelerate's AMP.
+* ``bf16``: ``Accelerator(cpu=True, mixed_precision="bf16")``, and no autocast
+  of the harness's own. On the CPU that is Accelerate's real AMP path (the
+  prepared model's forward runs under Accelerate's bf16 autocast and its
+  outputs come back in float32), so the test covers what a user gets: the
+  adapter working with Accelerate's own mixed precision, with no scaler.
+
+Checkpoints (``scenario.checkpoint_after``) go through Accelerate:
+``accelerator.save_state(dir)`` (the adapter's save pre-hook adds
+``dir/gradaccum``, every rank's in-flight gradients), then fresh singletons,
+a fresh ``Accelerator``, fresh objects, ``prepare`` and ``Accumulator``, and
+``accelerator.load_state(dir)`` (the load pre-hook restores the window);
+the run continues with the microbatches that follow.
+
+The probes (``scenario.probes``) run in each rank as in ``DDPHarness``: host
+reads counted over the whole loop and attributed to microbatches, memory held
+beyond the model, its DDP buckets (the counter's hook), the optimizer, the
+scaler and the recorder. Use it with the suite::
+
+    pytest --pyargs gradaccum_conformance \\
+        --gradaccum-harness=gradaccum_accelerate.harness:AccelerateHarness
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
+
+import gradaccum.errors
+from gradaccum_accelerate.accumulator import Accumulator
+from gradaccum_accelerate.testing import launch_accelerate, one_process, reset_accelerate
+from gradaccum_conformance import (
+    Harness,
+    MicrobatchProbes,
+    MicrobatchView,
+    Scenario,
+    Trajectory,
+    TrajectoryRecorder,
+)
+from gradaccum_ddp.harness import (
+    _Counter,
+    _generator,
+    _passes,
+    _Pending,
+    _rebuild_error,
+    _shared,
+    trajectory_from_json,
+    trajectory_to_json,
+)
+
+__all__ = ["AccelerateHarness", "run_rank"]
+
+
+class AccelerateHarness(Harness):
+    """gradaccum-accelerate under the conformance suite, at any world size."""
+
+    name = "gradaccum-accelerate"
+    capabilities = frozenset(
+        {
+            "amp_fp16",
+            "amp_bf16",
+            "checkpoint",
+            "checkpoint_mid_window",
+            "offload",
+            "fp32_accumulation",
+            "per_microbatch_clip",
+            "drop_microbatch",  # on one process; the core refuses it on several
+            "weights",
+            "schedules",
+            "partial_carry",
+            "partial_drop",
+            "distributed",
+            "device_items",
+            "probes",
+        }
+    )
+    timeout: ClassVar[float] = 180.0
+    """Seconds a multi-process run may take before its ranks are killed."""
+
+    def make_accelerator(self, scenario: Scenario) -> Accelerator:
+        """The run's ``Accelerator`` (the singletons are fresh): on the CPU, with
+        Accelerate's mixed precision for the scenario (see the module docstring)."""
+        if scenario.device != "cpu":
+            raise NotImplementedError(f"{self.name}: the harness runs on the CPU only")
+        precision = {"bf16": "bf16", "fp16": "fp16"}.get(scenario.precision, "no")
+        return Accelerator(cpu=True, mixed_precision=precision)
+
+    def forward_context(self, scenario: Scenario) -> contextlib.AbstractContextManager[Any]:
+        """Around the forward and the loss: the scenario's fp16 autocast (Accelerate
+        has none on the CPU); nothing otherwise (bf16 is Accelerate's own)."""
+        if scenario.precision == "fp16":
+            return scenario.autocast()
+        return contextlib.nullcontext()
+
+    def accumulator(
+        self, accelerator: Accelerator, model: Any, optimizer: Any, **kwargs: Any
+    ) -> Accumulator:
+        """The accumulator under test (meta-tests override it with broken ones)."""
+        return Accumulator(accelerator, model, optimizer, **kwargs)
+
+    def run(self, scenario: Scenario, workdir: Path) -> Trajectory:
+        if scenario.world_size == 1:
+            with one_process():
+                return run_rank(self, scenario, workdir, rank=0)
+        launched = launch_accelerate(
+            _rank_program,
+            scenario.world_size,
+            self,
+            scenario,
+            str(workdir),
+            timeout=self.timeout,
+            pg_timeout=60.0,
+        )
+        results = []
+        for rank in range(scenario.world_size):
+            path = workdir / f"trajectory.rank{rank}.json"
+            if not path.exists():
+                raise RuntimeError(
+                    f"{self.name}: rank {rank} wrote no trajectory ({launched}); its traceback "
+                    f"is on stderr"
+                )
+            results.append(json.loads(path.read_text()))
+        for rank, result in enumerate(results):
+            if "error" in result:
+                raise _rebuild_error(result["error"], rank)
+        first = results[0]["trajectory"]
+        for rank, result in enumerate(results[1:], start=1):
+            if _shared(result["trajectory"], scenario) != _shared(first, scenario):
+                raise AssertionError(
+                    f"{self.name}: rank {rank}'s trajectory differs from rank 0's "
+                    f"(parameters, learning rates, outcomes, counters or reductions): ranks "
+                    f"must agree on every decision"
+                )
+        return trajectory_from_json(first)
+
+
+class _Run:
+    """One rank's objects, fresh from the scenario's factories, through
+    ``accelerator.prepare``."""
+
+    def __init__(self, harness: AccelerateHarness, scenario: Scenario) -> None:
+        reset_accelerate()
+        self.accelerator = accelerator = harness.make_accelerator(scenario)
+        self.module = scenario.make_model().to(scenario.device)
+        optimizer = scenario.make_optimizer(self.module)
+        scheduler = scenario.make_scheduler(optimizer)
+        if scheduler is None:
+            self.model, self.prepared_optimizer = accelerator.prepare(self.module, optimizer)
+            self.prepared_scheduler: Any | None = None
+        else:
+            self.model, self.prepared_optimizer, self.prepared_scheduler = accelerator.prepare(
+                self.module, optimizer, scheduler
+            )
+        # The raw objects behind Accelerate's wrappers: what the recorder reads.
+        self.optimizer: torch.optim.Optimizer = self.prepared_optimizer.optimizer
+        self.scheduler: Any | None = (
+            None if self.prepared_scheduler is None else self.prepared_scheduler.scheduler
+        )
+        self.scaler = scenario.make_scaler()
+        self.acc = harness.accumulator(
+            accelerator,
+            self.model,
+            self.prepared_optimizer,
+            config=scenario.config,
+            scheduler=self.prepared_scheduler,
+            scaler=self.scaler,
+        )
+        self.counter: _Counter | None = None
+        if isinstance(self.model, DistributedDataParallel):
+            # Counts DDP's bucket all-reduces and the accumulator's own reductions.
+            self.counter = _Counter(self.model, self.acc.distributed)
+
+    def owners(self, recorder: TrajectoryRecorder) -> tuple[object, ...]:
+        """What the memory probe ignores: the model (through DDP when prepared so),
+        DDP's gradient buckets, the optimizer, the scaler and the recorder's
+        snapshots. Not the accelerator: it holds the accumulator (its checkpoint
+        hooks), whose buffers the probe must see."""
+        buckets = {} if self.counter is None else self.counter.bucket_buffers
+        return (self.model, self.module, buckets, self.optimizer, self.scaler, recorder)
+
+    def reductions(self) -> int | None:
+        return None if self.counter is None else self.counter.take()
+
+
+def run_rank(
+    harness: AccelerateHarness, scenario: Scenario, workdir: Path, rank: int
+) -> Trajectory:
+    """Run ``scenario`` as process ``rank`` of Accelerate's current environment.
+
+    The loop, the probes' attribution (reads before a pass's first microbatch
+    belong to it, less the one comparison of a pass of known length on several
+    processes, ACC-D6; reads after a microbatch, the ``end_pass`` inside
+    ``iterate``, to that microbatch; checkpoints are not counted) and the
+    checkpoint points are those of `gradaccum_ddp.harness.run_rank`.
+    """
+    passes = _passes(scenario, rank)
+    run = _Run(harness, scenario)
+    recorder = TrajectoryRecorder(run.module)
+    allowed = 1 if scenario.pass_length == "known" and scenario.world_size > 1 else 0
+    with MicrobatchProbes(scenario, *run.owners(recorder)) as probes:
+        for views in passes:
+            remaining = views
+            while remaining:
+                source = remaining if scenario.pass_length == "known" else _generator(remaining)
+                resumed_at: int | None = None
+                pending = _Pending(probes, recorder)
+                with probes.counting():
+                    for view in run.acc.iterate(source):
+                        pending.flush(probes.take(), allowed)
+                        windows = run.acc.machine.state.windows
+                        steps = run.acc.stats.optimizer_steps
+                        _microbatch(harness, run, scenario, view)
+                        boundary = run.acc.machine.state.windows != windows
+                        reads = probes.take()
+                        with probes.paused():
+                            if boundary:
+                                recorder.window(
+                                    run.module,
+                                    run.optimizer,
+                                    stepped=run.acc.stats.optimizer_steps != steps,
+                                    reductions=run.reductions(),
+                                )
+                            pending.hold(boundary, reads, probes.measure(boundary))
+                        if (
+                            view.global_index == scenario.checkpoint_after
+                            and not view.is_last_in_pass
+                        ):
+                            pending.flush(probes.take())
+                            with probes.paused():
+                                run = _checkpoint_and_resume(harness, scenario, run, workdir)
+                            probes.track(*run.owners(recorder))
+                            resumed_at = view.index_in_pass + 1
+                            break
+                pending.flush(probes.take())
+                if resumed_at is None:
+                    if views[-1].global_index == scenario.checkpoint_after:
+                        run = _checkpoint_and_resume(harness, scenario, run, workdir)
+                        probes.track(*run.owners(recorder))
+                    break
+                remaining = views[resumed_at:]
+    return recorder.finish(run.acc.stats, run.scheduler)
+
+
+def _microbatch(
+    harness: AccelerateHarness, run: _Run, scenario: Scenario, view: MicrobatchView
+) -> None:
+    """One microbatch (its loss and outputs die here, before any probe looks)."""
+    with run.acc.microbatch(items=view.count):
+        with harness.forward_context(scenario):
+            loss = scenario.loss(run.model(view.x), view.y)
+        run.acc.backward(loss)
+
+
+def _checkpoint_and_resume(
+    harness: AccelerateHarness, scenario: Scenario, run: _Run, workdir: Path
+) -> _Run:
+    """``accelerator.save_state``, everything rebuilt (singletons included),
+    ``accelerator.load_state``."""
+    path = str(workdir / "checkpoint")
+    run.accelerator.save_state(path)
+    del run
+    fresh = _Run(harness, scenario)
+    fresh.accelerator.load_state(path)
+    return fresh
+
+
+def _rank_program(
+    rank: int, world_size: int, harness: AccelerateHarness, scenario: Scenario, workdir: str
+) -> None:
+    out = Path(workdir) / f"trajectory.rank{rank}.json"
+    try:
+        result: dict[str, Any] = {
+            "trajectory": trajectory_to_json(run_rank(harness, scenario, Path(workdir), rank))
+        }
+    except gradaccum.errors.GradAccumError as exc:
+        result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(out)
