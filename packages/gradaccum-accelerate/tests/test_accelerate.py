@@ -447,15 +447,17 @@ def test_side_by_side_accumulate_under_weights_the_short_last_window() -> None:
 
 def test_side_by_side_save_state_mid_window(tmp_path: Path) -> None:
     """Side by side, ACC-R2: ``save_state`` after microbatch 4 (position 2 of window 1),
-    resumed in fresh objects. Plain Accelerate saves no gradient: window 1 then steps on
-    its last microbatch only, and every later window inherits the error; the adapter's
-    resume is bitwise."""
+    resumed in fresh objects. Plain Accelerate saves no gradient: the resumed run's final
+    parameters leave the uninterrupted run's (window 1 steps without its first two
+    microbatches); the adapter's resume is bitwise, window by window."""
     spec = {**CKPT, "mid": 4, "boundary": 5}
     plain_run = W.checkpoint_plain(0, spec, tmp_path, "run")
     plain_resume = W.checkpoint_plain(0, spec, tmp_path, "resume")
     run = W.checkpoint_adapter(0, spec, tmp_path, "run")
     resume = W.checkpoint_adapter(0, spec, tmp_path, "resume")
-    plain_error = W.worst_error(plain_resume["windows"], plain_run["windows"][1:])
+    # The final parameters, not window by window: how many windows Accelerate closes after
+    # load_state depends on its release (1.15 restores its step counter, 1.0 does not).
+    plain_error = W.rel_error(plain_resume["final"], plain_run["final"])
     adapter_error = W.worst_error(resume["windows"], run["windows"][1:])
     print(
         f"\nmid-window save_state/load_state, one process: plain Accelerate resume deviates "

@@ -126,15 +126,15 @@ def test_side_by_side_plain_accelerate_loses_the_partial_window(
     runs: tuple[Path, dict[str, list[Any]]],
 ) -> None:
     """Side by side, ACC-R2: plain Accelerate (``accumulate``) saved at the same point and
-    resumed on fresh processes: ``save_state`` holds no gradients, so window 1 steps on its
-    last microbatch only (divided by 3) and the run leaves the uninterrupted one; the
-    adapter's resume is bitwise (above)."""
+    resumed on fresh processes: ``save_state`` holds no gradients, so the resumed run's final
+    parameters leave the uninterrupted run's; the adapter's resume is bitwise (above)."""
     _, results = runs
     errors = []
     for rank in range(2):
         run, resume = results["plain_run"][rank], results["plain_resume"][rank]
-        assert len(run["windows"]) == 3 and len(resume["windows"]) == 2
-        errors.append(W.worst_error(resume["windows"], run["windows"][1:]))
+        # Final parameters: how many windows Accelerate closes after load_state depends on
+        # its release (1.15 restores its step counter, 1.0 does not).
+        errors.append(W.rel_error(resume["final"], run["final"]))
         adapter = results["resume"][rank]
         assert W.worst_error(adapter["windows"], results["run"][rank]["windows"][1:]) == 0.0
     print(f"\nplain Accelerate mid-window resume on 2 processes: rel. deviation {max(errors):.3g}")
