@@ -503,3 +503,77 @@ def _zero_grad_setup() -> tuple[Any, Any, Any, Any]:
     net = torch.nn.Linear(3, 2).double()
     model, optimizer = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
     return accelerator, model, optimizer, Accumulator(accelerator, model, optimizer, steps=2)
+
+
+# -- claims of docs/accelerate.md ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM"])
+def test_refuses_distributed_types_it_does_not_support(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ACC-E2, ACC-E3: DeepSpeed, FSDP, XLA and Megatron-LM are refused with ConfigError naming
+    what is supported. (None of them can run on this machine: the Accelerator's distributed
+    type is set on its state, the fault alone.)"""
+    from accelerate.utils import DistributedType
+
+    with one_process():
+        accelerator = fresh_accelerator()
+        model, opt, _ = W.make_objects(0, scheduler=False)
+        model, opt = accelerator.prepare(model, opt)
+        monkeypatch.setattr(accelerator.state, "distributed_type", DistributedType[kind])
+        with pytest.raises(ConfigError, match=rf"{kind}.*supported: one process, MULTI_CPU"):
+            Accumulator(accelerator, model, opt, steps=2)
+        assert "step" not in vars(opt)
+
+
+def test_refuses_an_unprepared_model_on_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ACC-E2, ACC-E3: on several processes the model must be the DistributedDataParallel that
+    accelerator.prepare returned; a bare module is refused naming the type seen. (The process
+    count is set on the Accelerator's state: the check comes before any collective.)"""
+    with one_process():
+        accelerator = fresh_accelerator()
+        model, opt, _ = W.make_objects(0, scheduler=False)
+        model, opt = accelerator.prepare(model, opt)
+        monkeypatch.setattr(accelerator.state, "num_processes", 2)
+        with pytest.raises(ConfigError, match=r"DistributedDataParallel\), got Sequential"):
+            Accumulator(accelerator, model, opt, steps=2)
+
+
+def test_load_state_without_a_gradaccum_folder_loads_as_usual(tmp_path: Path) -> None:
+    """ACC-R3: ``load_state`` of a checkpoint written without gradaccum (no ``gradaccum/``
+    folder) restores Accelerate's part and leaves the accumulator where it was (no window
+    open): the model's parameters are the saved ones, bitwise."""
+    with one_process():
+        accelerator = fresh_accelerator()
+        model, opt, _ = W.make_objects(0, scheduler=False)
+        model, opt = accelerator.prepare(model, opt)
+        accelerator.save_state(str(tmp_path / "plain"))
+        saved = W.params_json(model)
+        assert not (tmp_path / "plain" / "gradaccum").exists()
+        accelerator = fresh_accelerator()
+        model, opt, _ = W.make_objects(1, scheduler=False)  # other weights
+        model, opt = accelerator.prepare(model, opt)
+        acc = Accumulator(accelerator, model, opt, steps=2)
+        accelerator.load_state(str(tmp_path / "plain"))
+        assert W.params_json(model) == saved
+        assert acc.machine.state.micro_steps == 0 and not acc.is_accumulating
+
+
+def test_optimizer_step_was_skipped_is_not_updated_an_overflow_shows_in_the_result() -> None:
+    """ACC-F4: an AMP overflow (fp16 on the CPU with an explicit GradScaler) skips the step;
+    ``accelerator.optimizer_step_was_skipped`` stays False (the accumulator steps the raw
+    optimizer, not Accelerate's wrapper) while ``BackwardResult.outcome`` and
+    ``stats.skipped_steps`` report it."""
+    with one_process():
+        accelerator = fresh_accelerator(mixed_precision="fp16")
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        model, opt = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+        acc = Accumulator(accelerator, model, opt, steps=1, scaler=scaler)
+        with acc.microbatch(), torch.autocast("cpu", dtype=torch.float16):
+            result = acc.backward(model(torch.full((4, 3), 1e3)).pow(2).sum())
+        assert result.outcome == "amp_overflow" and not result.stepped
+        assert acc.stats.skipped_steps == 1
+        assert accelerator.optimizer_step_was_skipped is False

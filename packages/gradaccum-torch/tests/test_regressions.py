@@ -993,3 +993,28 @@ def test_gradients_are_none_after_a_drop_policy_discard() -> None:
     assert _all_none(model)
     assert acc.stats.dropped_windows == 1 and acc.stats.optimizer_steps == 0
     assert _equal(params_of(model), before)
+
+
+def test_a_scaler_unscaled_by_someone_else_is_a_usage_error() -> None:
+    """ACC-B5, ACC-E3: a GradScaler that someone unscaled since its last update (a stray
+    ``scaler.unscale_``, or a framework's ``clip_grad_norm_`` after the boundary) makes the next
+    boundary raise UsageError naming the fix (clip=ClipPolicy), not torch's RuntimeError; the
+    window is discarded and the accumulator goes on."""
+    from gradaccum import UsageError
+
+    torch.manual_seed(0)
+    model = make_model(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    acc = Accumulator(model, opt, steps=1, scaler=scaler)
+    batch = make_batches([2], dtype=torch.float32)[0]
+    with acc.microbatch():
+        acc.backward(mean_loss(model, batch))
+    scaler.unscale_(opt)  # the stray call, after the boundary
+    with pytest.raises(UsageError, match=r"clip=ClipPolicy"), acc.microbatch():
+        acc.backward(mean_loss(model, batch))
+    assert acc.stats.dropped_windows == 1 and acc.stats.optimizer_steps == 1
+    assert _all_none(model)
+    with acc.microbatch():  # the scaler was updated on the way out: the next window steps
+        assert acc.backward(mean_loss(model, batch)).stepped
+    assert acc.stats.optimizer_steps == 2

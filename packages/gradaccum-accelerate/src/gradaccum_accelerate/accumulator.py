@@ -149,9 +149,12 @@ class ProcessGroupOfAccelerator(DDPDistributed):
 class AccelerateFramework(TorchFramework):
     """`gradaccum_torch.Framework` for Accelerate: the raw optimizer and scheduler
     behind Accelerate's wrappers (no 1/N, no gating, one scheduler step per
-    update), the loss scaler, and ``accelerator.backward`` for the backward
-    (``scaler.scale(loss).backward()`` when the scaler was given explicitly,
-    which Accelerate does not know about)."""
+    update) and the loss scaler (``accelerator.scaler``, or the one given as
+    ``scaler=``). The backward is ``scaler.scale(loss).backward()``, which is
+    what ``accelerator.backward`` does for one process and DDP, without its
+    division by ``accelerator.gradient_accumulation_steps`` — read at every
+    call, so an Accelerator built later in the process with another value
+    cannot change the loss behind gradaccum's back."""
 
     def __init__(
         self,
@@ -165,14 +168,6 @@ class AccelerateFramework(TorchFramework):
         self.own_scaler = scaler is not None and scaler is not accelerator.scaler
         """The scaler was given explicitly (Accelerate neither uses nor saves it)."""
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``accelerator.backward(loss)`` (its loss scaler applies); with an
-        explicit scaler, ``scaler.scale(loss).backward()``."""
-        if self.own_scaler:
-            super().backward(loss)
-        else:
-            self.accelerator.backward(loss)
-
 
 class Accumulator(TorchAccumulator):
     """Exact gradient accumulation for a model prepared by an ``Accelerator``.
@@ -185,10 +180,6 @@ class Accumulator(TorchAccumulator):
         optimizer: the optimizer ``accelerator.prepare`` returned (or a plain
             torch optimizer). Its ``step()`` is gradaccum's from now on:
             calling it yourself raises `gradaccum.UsageError`.
-        steps, config, schedule, normalization, partial_window, non_finite,
-            clip, weights, accumulation_dtype, offload, micro_batch_size,
-            listeners, before_step, track_grad_norm: as
-            `gradaccum_torch.Accumulator`.
         scheduler: the LR scheduler ``accelerator.prepare`` returned (or a
             plain one): stepped once per successful optimizer step, whatever
             the number of processes. Its ``step()`` then raises
@@ -203,6 +194,10 @@ class Accumulator(TorchAccumulator):
             ``load_state`` pre-hooks that save and restore the accumulation
             state and every process's in-flight gradients in
             ``<dir>/gradaccum`` (default True).
+
+    The other keywords (``steps``, ``config``, the nine AccumulationConfig
+    options, ``listeners``, ``before_step``, ``track_grad_norm``) are those of
+    `gradaccum_torch.Accumulator`.
 
     Refused with `gradaccum.ConfigError`: an accelerator with
     ``gradient_accumulation_steps != 1`` (two accumulators would multiply the

@@ -158,6 +158,7 @@ def close_window(
                 except RuntimeError as exc:
                     if "already been called" not in str(exc):
                         raise
+                    unscaled = True  # someone did: the failure path lets the scaler update
                     raise UsageError(
                         "the GradScaler was unscaled since its last update by someone else "
                         "(scaler.unscale_, or a framework's clip_grad_norm_ such as "
