@@ -150,7 +150,8 @@ def test_the_framework_implements_the_protocol() -> None:
 
 def test_a_skip_step_that_does_not_update_the_scaler_breaks_the_next_window() -> None:
     """The boundary unscaled an overflowing window; a skip_step that leaves the scaler
-    alone leaves it unscaled, and the next window's unscale_ fails."""
+    alone leaves it unscaled, and the next window's boundary refuses with UsageError (a
+    RuntimeError) saying the scaler was unscaled since its last update."""
 
     class Forgetful(ca.MiniFramework):  # type: ignore[misc,name-defined]
         def skip_step(self) -> None:
@@ -164,7 +165,7 @@ def test_a_skip_step_that_does_not_update_the_scaler_breaks_the_next_window() ->
             out = trainer.module(first[0])
         assert acc.backward(((out.float() - first[1]) ** 2).mean()).outcome == "amp_overflow"
     with (
-        pytest.raises(RuntimeError, match=r"unscale_\(\) has already been called"),
+        pytest.raises(UsageError, match=r"unscaled since its last update"),
         acc.microbatch(),
     ):
         acc.backward(mean_loss(trainer.module, second))
