@@ -414,9 +414,7 @@ class Accumulator:
             total: int | None = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        if total is not None and self._distributed.world_size > 1:
-            self._agree(pass_row(self._machine.state, total))
-            self._machine.set_ranks_in_step()
+        self.begin_pass(total)
         for index, (item, last) in enumerate(mark_last(iterable)):
             self._next_last = last
             remaining = None if total is None else total - index
@@ -425,6 +423,23 @@ class Accumulator:
         self._next_last = False
         self._next_remaining = None
         self.end_pass()
+
+    def begin_pass(self, length: int | None) -> None:
+        """Announce a pass of ``length`` microbatches (``None``: unknown) before its
+        first microbatch, when you drive the loop yourself and pass ``remaining=``
+        (`iterate` calls it for you). On several ranks with a known length the
+        ranks compare it once (ACC-D5): different lengths raise
+        `gradaccum.DistributedError` on every rank before any microbatch runs,
+        and the pass's boundaries then need no comparison. On one rank, or with
+        an unknown length, it does nothing."""
+        if length is not None and (
+            isinstance(length, bool) or not isinstance(length, int) or length < 0
+        ):
+            raise UsageError(f"a pass length must be an int >= 0 or None, got {length!r}")
+        self._check_idle("begin a pass")
+        if length is not None and self._distributed.world_size > 1:
+            self._agree(pass_row(self._machine.state, length))
+            self._machine.set_ranks_in_step()
 
     def microbatch(
         self,
