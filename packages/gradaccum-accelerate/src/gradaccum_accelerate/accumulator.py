@@ -62,7 +62,7 @@ from gradaccum_ddp.checkpoint import load_distributed, save_distributed
 from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_torch import Accumulator as TorchAccumulator
 from gradaccum_torch import SingleProcess, TorchFramework
-from gradaccum_torch.accumulator import _unknown_keywords
+from gradaccum_torch.accumulator import unknown_keywords
 
 __all__ = [
     "SUPPORTED",
@@ -237,7 +237,7 @@ class Accumulator(TorchAccumulator):
         **unknown: NoReturn,
     ) -> None:
         if unknown:
-            raise _unknown_keywords(unknown, ("lockstep", "checkpoint_hooks"))
+            raise unknown_keywords(unknown, Accumulator.__init__)
         if not isinstance(accelerator, Accelerator):
             raise ConfigError(
                 f"accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__}"

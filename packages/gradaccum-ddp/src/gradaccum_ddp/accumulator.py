@@ -52,7 +52,7 @@ from gradaccum_ddp.checkpoint import load_distributed, save_distributed
 from gradaccum_ddp.collectives import communication_errors
 from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_torch import Accumulator, BackwardResult
-from gradaccum_torch.accumulator import _unknown_keywords
+from gradaccum_torch.accumulator import unknown_keywords
 
 __all__ = ["PRODUCER", "DDPAccumulator", "Lockstep"]
 
@@ -129,7 +129,7 @@ class DDPAccumulator(Accumulator):
         **unknown: NoReturn,
     ) -> None:
         if unknown:
-            raise _unknown_keywords(unknown, ("lockstep",))
+            raise unknown_keywords(unknown, DDPAccumulator.__init__)
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError(
                 "torch.distributed is not initialised; call "

@@ -25,7 +25,7 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies.ddp import DDPStrategy
 from lightning.fabric.strategies.single_device import SingleDeviceStrategy
-from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
+from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer, _unwrap_compiled
 from torch.nn.parallel import DistributedDataParallel
 
 from gradaccum.config import AccumulationConfig
@@ -44,7 +44,7 @@ from gradaccum_ddp.checkpoint import load_distributed, save_distributed
 from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_lightning._version import PRODUCER, __version__
 from gradaccum_torch import Accumulator, SingleProcess, TorchFramework
-from gradaccum_torch.accumulator import _unknown_keywords
+from gradaccum_torch.accumulator import unknown_keywords
 
 __all__ = ["FabricAccumulator", "FabricFramework", "FabricProcessGroup"]
 
@@ -134,7 +134,7 @@ class FabricAccumulator(Accumulator):
         **unknown: NoReturn,
     ) -> None:
         if unknown:
-            raise _unknown_keywords(unknown)
+            raise unknown_keywords(unknown, FabricAccumulator.__init__)
         if not isinstance(fabric, Fabric):
             raise ConfigError(f"fabric must be a lightning.Fabric, got {type(fabric).__name__}")
         if not isinstance(model, _FabricModule):
@@ -158,7 +158,8 @@ class FabricAccumulator(Accumulator):
         framework = FabricFramework(fabric, model, raw, scheduler, scaler)
         distributed: Any = SingleProcess()
         if fabric.world_size > 1:
-            ddp = model._forward_module
+            # torch.compile wraps outside DDP in fabric.setup: look through it.
+            ddp = _unwrap_compiled(model._forward_module)[0]
             if not isinstance(ddp, DistributedDataParallel):
                 raise ConfigError("Fabric's DDP strategy did not wrap the model in DDP")
             distributed = FabricProcessGroup(fabric, model, ddp)

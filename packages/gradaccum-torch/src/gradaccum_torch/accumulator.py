@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import os
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -62,36 +63,20 @@ from gradaccum_torch.gradients import GradientStore, gradient_store
 from gradaccum_torch.items import ItemCounter, check_count_tensor
 from gradaccum_torch.naming import named_parameters
 
-__all__ = ["Accumulator", "BackwardResult"]
+__all__ = ["Accumulator", "BackwardResult", "unknown_keywords"]
 
 T = TypeVar("T")
 
-_CONFIG_OPTIONS = (
-    "schedule",
-    "normalization",
-    "partial_window",
-    "non_finite",
-    "clip",
-    "weights",
-    "accumulation_dtype",
-    "offload",
-    "micro_batch_size",
-)
-_OTHER_KEYWORDS = (
-    "steps",
-    "config",
-    "scheduler",
-    "scaler",
-    "listeners",
-    "before_step",
-    "track_grad_norm",
-    "distributed",
-    "framework",
-)
 
-
-def _unknown_keywords(unknown: Mapping[str, object], extra: Sequence[str] = ()) -> ConfigError:
-    known = (*_CONFIG_OPTIONS, *_OTHER_KEYWORDS, *extra)
+def unknown_keywords(unknown: Mapping[str, object], init: Callable[..., None]) -> ConfigError:
+    """The `ConfigError` for keyword arguments ``init`` (an adapter's ``__init__``)
+    does not take: each named with the closest valid keyword, and the valid
+    ones listed (read from ``init``'s signature, so every adapter's list is its own)."""
+    known = [
+        name
+        for name, param in inspect.signature(init).parameters.items()
+        if name != "self" and param.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     parts = []
     for name in sorted(unknown):
         close = difflib.get_close_matches(name, known, n=1)
@@ -185,7 +170,7 @@ class Accumulator:
         **unknown: NoReturn,
     ) -> None:
         if unknown:
-            raise _unknown_keywords(unknown)
+            raise unknown_keywords(unknown, Accumulator.__init__)
         options: dict[str, Any] = {
             name: value
             for name, value in (
