@@ -58,7 +58,7 @@ from gradaccum_ddp.collectives import communication_errors, gather_bytes, gather
 from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_lightning._version import PRODUCER, __version__
 from gradaccum_torch import Accumulator, SingleProcess
-from gradaccum_torch.accumulator import _unknown_keywords
+from gradaccum_torch.accumulator import unknown_keywords
 from gradaccum_torch.tensor_io import tensors_from_bytes, tensors_to_bytes
 
 __all__ = ["GradAccum", "LightningFramework"]
@@ -263,9 +263,7 @@ class GradAccum(Callback):
         **unknown: NoReturn,
     ) -> None:
         if unknown:
-            raise _unknown_keywords(
-                unknown, ("model_attr", "allow_replay", "resume", "log_each_window")
-            )
+            raise unknown_keywords(unknown, GradAccum.__init__)
         options: dict[str, Any] = {
             name: value
             for name, value in (
