@@ -93,13 +93,6 @@ def test_save_checkpoint_mid_window_resumes_bitwise(
     assert {k: ga.stats.as_dict()[k] for k in keys} == {k: want_stats[k] for k in keys}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callback.py bug: GradAccum ends a pass in on_train_epoch_end, which a resumed run "
-    "skips for the epoch whose last batch the checkpoint was taken on (Lightning restarts in "
-    "the next epoch): the core's end_pass never runs, so the partial window is not dropped "
-    "(and ByEpoch / stats.epoch lag one epoch)",
-)
 @pytest.mark.parametrize("policy", ["drop", "carry"])
 def test_checkpoint_on_the_last_batch_of_an_epoch_keeps_the_pass_end(
     tmp_path: Path, policy: PartialWindowPolicy
@@ -227,3 +220,33 @@ def test_shared_format_save_resumes_in_plain_gradaccum_torch_and_in_resume(
     W.trainer([ga]).fit(module, ListLoader(W.batches(SIZES)[6:]))
     assert ga.stats.optimizer_steps == 3
     assert _equal(W.params(module), W.params(straight))
+
+
+class _ReadsTheStepsEarly(W.Net):
+    """Reads ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` (as OneCycleLR
+    users do): Lightning then sets the train loader up before it restores the checkpoint, and
+    never hands the stateful loader its saved position (Lightning #20550)."""
+
+    def configure_optimizers(self) -> Any:
+        assert self.trainer.estimated_stepping_batches > 0
+        return super().configure_optimizers()
+
+
+def test_mid_window_resume_whose_loader_position_was_never_applied_is_refused(
+    tmp_path: Path,
+) -> None:
+    """ACC-R3: a mid-window resume whose stateful loader Lightning set up too early (its saved
+    position still waiting to be applied) would replay the epoch's first batches into the
+    restored window: refused with ConfigError naming the cause, unless allow_replay=True."""
+    path = tmp_path / "mid.ckpt"
+    stop = W.StopAfter(5, lambda t: t.save_checkpoint(path), epoch=0)
+    W.trainer([_ga(), stop], max_epochs=2).fit(_net(), ListLoader(W.batches(SIZES)))
+    module = _ReadsTheStepsEarly("items", seed=7, device_items=True, scheduler=_step_lr)
+    with pytest.raises(ConfigError, match=r"#20550.*allow_replay=True"):
+        W.trainer([_ga()], max_epochs=2).fit(
+            module, ListLoader(W.batches(SIZES)), ckpt_path=str(path)
+        )
+    module = _ReadsTheStepsEarly("items", seed=7, device_items=True, scheduler=_step_lr)
+    W.trainer([_ga(allow_replay=True)], max_epochs=2).fit(
+        module, ListLoader(W.batches(SIZES)), ckpt_path=str(path)
+    )

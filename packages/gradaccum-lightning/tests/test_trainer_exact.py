@@ -155,13 +155,6 @@ def _epoch_step_lr(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5), "interval": "epoch"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callback.py bug: on_train_epoch_end steps the interval='epoch' schedulers whether "
-    "or not the epoch ran to its end (max_steps, should_stop, EarlyStopping cut it short); "
-    "Lightning steps them only when the epoch's batches ran out, and a checkpoint saved after "
-    "the stop (or the resumed epoch's real end) then holds one epoch step too many",
-)
 def test_epoch_scheduler_does_not_step_for_an_epoch_cut_short() -> None:
     """ACC-S3: ``max_steps=2`` ends the fit inside epoch 0 (after 8 of 10 microbatches):
     plain Lightning (automatic optimization, ``accumulate_grad_batches=4``) does not step

@@ -1018,3 +1018,29 @@ def test_a_scaler_unscaled_by_someone_else_is_a_usage_error() -> None:
     with acc.microbatch():  # the scaler was updated on the way out: the next window steps
         assert acc.backward(mean_loss(model, batch)).stepped
     assert acc.stats.optimizer_steps == 2
+
+
+def test_listeners_hear_of_a_step_after_it_was_taken() -> None:
+    """ACC-S3 (event order): ``on_step`` is called after the optimizer and the scheduler
+    stepped: the parameters and the learning rate a listener reads there are the updated ones
+    (the same as right after ``backward`` returns)."""
+    from gradaccum import AccumulationCallback, AccumulationStats
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    seen: list[tuple[list[torch.Tensor], float]] = []
+
+    class Listener(AccumulationCallback):
+        def on_step(self, stats: AccumulationStats) -> None:
+            seen.append((params_of(model), opt.param_groups[0]["lr"]))
+
+    acc = Accumulator(model, opt, steps=2, scheduler=sched, listeners=[Listener()])
+    after: list[tuple[list[torch.Tensor], float]] = []
+    for batch in make_batches([2, 3, 1, 4]):
+        with acc.microbatch():
+            stepped = acc.backward(mean_loss(model, batch)).stepped
+        if stepped:
+            after.append((params_of(model), opt.param_groups[0]["lr"]))
+    assert [lr for _, lr in seen] == [lr for _, lr in after] == [0.05, 0.025]
+    assert all(_equal(a, b) for (a, _), (b, _) in zip(seen, after, strict=True))

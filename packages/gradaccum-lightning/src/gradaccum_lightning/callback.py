@@ -211,11 +211,17 @@ class GradAccum(Callback):
     Args:
         steps: microbatches per window (``schedule=Fixed(steps)``).
         config: a full `gradaccum.AccumulationConfig` (exclusive with the options).
-        schedule, normalization, partial_window, non_finite, clip, weights,
-        accumulation_dtype, offload, micro_batch_size: the
-            AccumulationConfig options. ``Trainer(gradient_clip_val=...,
-            gradient_clip_algorithm=...)`` becomes a `gradaccum.ClipPolicy`
-            (clipping once per window, after unscaling); giving both is an error.
+        schedule: windows' sizes (`gradaccum.Fixed`, `gradaccum.ByEpoch`, ...).
+        normalization: ``"mean"``, ``"items"`` or ``"sum"``.
+        partial_window: ``"step"``, ``"drop"`` or ``"carry"``.
+        non_finite: ``"skip"``, ``"raise"`` or ``"drop_microbatch"``.
+        clip: a `gradaccum.ClipPolicy`. ``Trainer(gradient_clip_val=...,
+            gradient_clip_algorithm=...)`` becomes one (clipping once per
+            window, after unscaling); giving both is an error.
+        weights: `gradaccum.GradientWeights`.
+        accumulation_dtype: ``"param"`` or ``"float32"``.
+        offload: keep the window's gradient on the CPU.
+        micro_batch_size: items per microbatch, for the effective batch size.
         model_attr: the attribute of the LightningModule that holds the user's
             model (``"model"`` for ``self.model``): shared-format checkpoints
             name parameters without it, so other stacks can resume them.
@@ -302,6 +308,7 @@ class GradAccum(Callback):
         self._framework: LightningFramework | None = None
         self._pending: dict[str, Any] | None = None
         self._pass_complete = False
+        self._stepped = False
         self._undo: list[Callable[[], None]] = []
         self._trainer: pl.Trainer | None = None
 
@@ -338,6 +345,11 @@ class GradAccum(Callback):
         optimization (it counts microbatches here). Needs a sized train loader
         and ``max_epochs`` or ``max_steps``."""
         batches = _finite(trainer.num_training_batches)
+        if batches is None:
+            # Called before the fit loop set up its data (from configure_optimizers, as
+            # estimated_stepping_batches may be): set it up, as that property does.
+            trainer.fit_loop.setup_data()
+            batches = _finite(trainer.num_training_batches)
         if batches is None:
             raise UsageError(
                 "estimated_optimizer_steps needs a train loader with len(); this one has none"
@@ -418,19 +430,27 @@ class GradAccum(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pass_complete = False
+        self._stepped = False
         if self.accumulator.distributed.world_size > 1:
             self.accumulator.begin_pass(_finite(trainer.num_training_batches))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        acc = self.accumulator
+        # An epoch stopped early (max_steps, a callback) keeps its window open for a
+        # checkpoint to carry, and does not step the epoch schedulers, as in Lightning.
         if self._pass_complete:
-            # The pass ran to its end: apply the partial-window policy. (Stopped early by
-            # max_steps or a callback, the window stays open for a checkpoint to carry.)
-            acc.end_pass()
-        assert self._framework is not None
-        self._framework.step_epoch_schedulers()
+            assert self._framework is not None
+            self._framework.step_epoch_schedulers()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_module()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips on_fit_end when fit raises: undo the wrappers here too.
+        self._restore_module()
+
+    def _restore_module(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo = []
@@ -471,6 +491,13 @@ class GradAccum(Callback):
                 f"GradAccum supports a single device and strategy='ddp' for now, not "
                 f"{type(strategy).__name__}"
             )
+        start_method = getattr(strategy, "_start_method", "popen")
+        if start_method != "popen":
+            raise ConfigError(
+                f"strategy='ddp_{start_method}' runs the fit in child processes, so this "
+                f"process's GradAccum (its stats, save()) never sees it: use strategy='ddp' "
+                f"(Lightning starts the ranks as subprocesses, or launch with torchrun)"
+            )
         if not pl_module.automatic_optimization and not getattr(
             pl_module, "_gradaccum_manual", False
         ):
@@ -500,12 +527,17 @@ class GradAccum(Callback):
         logging/validation, each undone at the end of the fit."""
         # Stays manual after the fit: trainer.global_step reads the manual counter then.
         pl_module.automatic_optimization = False
-        pl_module._gradaccum_manual = True  # type: ignore[attr-defined]
+        vars(pl_module)["_gradaccum_manual"] = True  # read by setup() at the next fit
         original = pl_module.training_step
         wrapped = functools.wraps(original)(functools.partial(self._training_step, original))
         pl_module.training_step = wrapped  # type: ignore[method-assign]
         self._undo.append(lambda: _delete(pl_module, "training_step"))
         acc = self.accumulator
+
+        def no_step_yet() -> bool:
+            # Lightning's "is this batch accumulating?": until a window closes with a
+            # successful step (a skipped window logs nothing and advances no logger step).
+            return acc.is_accumulating or not self._stepped
 
         def zero_grad_between_windows() -> None:
             if not acc.is_accumulating:
@@ -516,13 +548,13 @@ class GradAccum(Callback):
         if self.log_each_window:
             loop = trainer.fit_loop.epoch_loop
             if hasattr(loop, "_should_accumulate"):
-                loop._should_accumulate = lambda: acc.is_accumulating  # type: ignore[method-assign]
+                loop._should_accumulate = no_step_yet  # type: ignore[method-assign]
                 self._undo.append(lambda: _delete(loop, "_should_accumulate"))
             connector = trainer._logger_connector
             original_update = connector.update_train_step_metrics
 
             def update_at_boundaries() -> None:
-                if not acc.is_accumulating:
+                if not no_step_yet():
                     original_update()
 
             connector.update_train_step_metrics = update_at_boundaries  # type: ignore[method-assign]
@@ -535,12 +567,14 @@ class GradAccum(Callback):
 
     def _training_step(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
-        if out is None:
-            return None  # Lightning's "skip this batch": not a microbatch
-        loss, items = _loss_and_items(out)
         trainer = self._trainer
         assert trainer is not None
         last = bool(trainer.is_last_batch)
+        if out is None:  # Lightning's "skip this batch": not a microbatch
+            if last:
+                self._end_pass()
+            return None
+        loss, items = _loss_and_items(out)
         length = _finite(trainer.num_training_batches)
         remaining: int | None = None
         if length is not None:
@@ -548,9 +582,21 @@ class GradAccum(Callback):
             remaining = remaining if remaining >= 1 else None
         acc = self.accumulator
         with acc.microbatch(items, last=last, remaining=remaining):
-            acc.backward(loss)
-        self._pass_complete = last
+            result = acc.backward(loss)
+        if result.boundary:
+            self._stepped = result.stepped
+        if last:
+            # The pass ends with its last microbatch, not in on_train_epoch_end: a
+            # checkpoint saved after this batch must hold the ended pass (Lightning does
+            # not call on_train_epoch_end for the epoch it resumes into).
+            self._end_pass()
         return out
+
+    def _end_pass(self) -> None:
+        result = self.accumulator.end_pass()
+        if result is not None and result.boundary:
+            self._stepped = result.stepped
+        self._pass_complete = True
 
     def _restore(self, trainer: pl.Trainer, state: Mapping[str, Any]) -> None:
         acc = self.accumulator
@@ -574,7 +620,18 @@ class GradAccum(Callback):
             return
         loader = trainer.train_dataloader
         loaders = getattr(loader, "flattened", None) or [loader]
-        if all(hasattr(x, "state_dict") and hasattr(x, "load_state_dict") for x in loaders):
+        stateful = all(hasattr(x, "state_dict") and hasattr(x, "load_state_dict") for x in loaders)
+        unapplied = getattr(trainer.fit_loop, "_combined_loader_states_to_load", [])
+        if stateful and unapplied:
+            raise ConfigError(
+                "this checkpoint was taken in the middle of a window and the train loader is "
+                "stateful, but Lightning has not given it its saved position (the loader was "
+                "set up before the checkpoint was restored, e.g. by reading "
+                "trainer.estimated_stepping_batches in configure_optimizers; Lightning issue "
+                "#20550): it would replay the epoch's first batches into the open window. Read "
+                "it elsewhere (on_train_start), or pass GradAccum(allow_replay=True)"
+            )
+        if stateful:
             return
         raise ConfigError(
             f"this checkpoint was taken in the middle of a window ({acc.machine.state.position} "

@@ -233,6 +233,7 @@ def close_window(
         amp_overflow=nonfinite and scaler is not None,
         world_items=world_items,
         grad_norm=true_norm,
+        notify=False,
     )
     # (8) step, then (9) zero, whatever happens in between.
     try:
@@ -247,6 +248,8 @@ def close_window(
     finally:
         store.zero()
         items.clear()
+        # Listeners hear of the window once its step (or skip) is done (ACC-S3 order).
+        machine.notify_commit()
     if verdict.raise_error:
         raise NonFiniteGradientError(
             f"the gradient of window {machine.state.windows} holds inf or nan; the step was "

@@ -74,6 +74,7 @@ class AccumulationMachine:
         "_ranks_in_step",
         "_state",
         "_topology",
+        "_unsent",
     )
 
     def __init__(
@@ -114,6 +115,7 @@ class AccumulationMachine:
         self._listeners: list[AccumulationListener] = listeners
         self._microbatch_listeners = [x for x in listeners if _wants_microbatch_events(x)]
         self._grad_norm: SupportsFloat | None = None
+        self._unsent: tuple[CommitDecision, bool] | None = None
 
     @property
     def config(self) -> AccumulationConfig:
@@ -262,11 +264,15 @@ class AccumulationMachine:
         amp_overflow: bool = False,
         world_items: int | None = None,
         grad_norm: SupportsFloat | None = None,
+        notify: bool = True,
     ) -> CommitDecision:
         """Decide step or skip for the closed window; see `gradaccum.state.commit`.
 
         ``grad_norm`` (a float or a 0-d device tensor) is the window's
         pre-clip gradient norm, kept for `stats` without reading it.
+        ``notify=False`` holds the listeners' ``on_step`` / ``on_skip`` (and
+        ``on_epoch_end``) back until `notify_commit`: an adapter calls it after
+        the optimizer and scheduler stepped, so listeners see the step done.
         """
         ending_epoch = self._state.epoch_end_pending
         self._state, verdict = commit(
@@ -278,6 +284,19 @@ class AccumulationMachine:
         )
         if grad_norm is not None:
             self._grad_norm = grad_norm
+        if notify:
+            self._notify(verdict, ending_epoch)
+        else:
+            self._unsent = (verdict, ending_epoch)
+        return verdict
+
+    def notify_commit(self) -> None:
+        """Send the events of a `commit` made with ``notify=False`` (nothing if none)."""
+        unsent, self._unsent = self._unsent, None
+        if unsent is not None:
+            self._notify(*unsent)
+
+    def _notify(self, verdict: CommitDecision, ending_epoch: bool) -> None:
         if self._listeners:
             stats = self.stats
             for listener in self._listeners:
@@ -287,7 +306,6 @@ class AccumulationMachine:
                     listener.on_skip(stats, verdict.outcome)
                 if ending_epoch:
                     listener.on_epoch_end(stats)
-        return verdict
 
     def end_pass(self) -> PassDecision:
         """End a pass; see `gradaccum.state.end_pass`. With the ``step``
