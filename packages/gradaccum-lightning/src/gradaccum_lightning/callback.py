@@ -620,7 +620,12 @@ class GradAccum(Callback):
             return
         loader = trainer.train_dataloader
         loaders = getattr(loader, "flattened", None) or [loader]
-        stateful = all(hasattr(x, "state_dict") and hasattr(x, "load_state_dict") for x in loaders)
+        # Lightning restores stateful loaders since 2.2 (it keeps their saved states in
+        # fit_loop._combined_loader_states_to_load until it applies them).
+        restores = hasattr(trainer.fit_loop, "_combined_loader_states_to_load")
+        stateful = restores and all(
+            hasattr(x, "state_dict") and hasattr(x, "load_state_dict") for x in loaders
+        )
         unapplied = getattr(trainer.fit_loop, "_combined_loader_states_to_load", [])
         if stateful and unapplied:
             raise ConfigError(

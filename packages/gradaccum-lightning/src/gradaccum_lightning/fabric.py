@@ -25,7 +25,7 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies.ddp import DDPStrategy
 from lightning.fabric.strategies.single_device import SingleDeviceStrategy
-from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer, _unwrap_compiled
+from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from gradaccum.config import AccumulationConfig
@@ -159,7 +159,8 @@ class FabricAccumulator(Accumulator):
         distributed: Any = SingleProcess()
         if fabric.world_size > 1:
             # torch.compile wraps outside DDP in fabric.setup: look through it.
-            ddp = _unwrap_compiled(model._forward_module)[0]
+            ddp = model._forward_module
+            ddp = getattr(ddp, "_orig_mod", ddp)
             if not isinstance(ddp, DistributedDataParallel):
                 raise ConfigError("Fabric's DDP strategy did not wrap the model in DDP")
             distributed = FabricProcessGroup(fabric, model, ddp)
