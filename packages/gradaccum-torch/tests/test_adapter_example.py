@@ -952,10 +952,12 @@ def test_a_bad_item_count_on_another_rank_discards_the_window_here() -> None:
 
 def test_one_process_save_is_refused_on_several_ranks(tmp_path: Path) -> None:
     """On several ranks Accumulator.save() would write one rank's in-flight gradients:
-    it refuses, and an adapter provides its own (as gradaccum_ddp does)."""
+    it refuses unless the distributed side gathers them (a DistributedCheckpoints, as
+    gradaccum_ddp.DDPDistributed is), and nothing is written."""
     model = make_model()
     acc = Accumulator(
         model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, distributed=MirroredRanks()
     )
-    with pytest.raises(UsageError, match=r"on 2 ranks use an adapter whose save\(\) gathers"):
+    with pytest.raises(UsageError, match=r"on 2 ranks need a distributed side that gathers"):
         acc.save(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -31,7 +31,6 @@ microbatch, so user code that reads it sees the boundary).
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -58,7 +57,6 @@ from gradaccum.schedules import Schedule
 from gradaccum.stats import AccumulationListener
 from gradaccum_accelerate._version import PRODUCER, __version__
 from gradaccum_ddp.accumulator import Lockstep
-from gradaccum_ddp.checkpoint import load_distributed, save_distributed
 from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_torch import Accumulator as TorchAccumulator
 from gradaccum_torch import SingleProcess, TorchFramework
@@ -337,35 +335,6 @@ class Accumulator(TorchAccumulator):
             ]
 
     # -- checkpoints -----------------------------------------------------------------
-
-    def save(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        model: bool = True,
-        optimizer: bool = True,
-        scheduler: bool = True,
-        scaler: bool = True,
-    ) -> None:
-        """Write a checkpoint in the shared format (any gradaccum stack resumes it);
-        on several processes call it on every process at the same point: rank 0
-        gathers every process's in-flight gradients and writes."""
-        self._check_idle("save a checkpoint")
-        if self.distributed.world_size > 1:
-            save_distributed(
-                self, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
-            )
-        else:
-            super().save(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-
-    def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore a shared-format checkpoint (from any gradaccum stack); on
-        several processes on every process."""
-        self._check_idle("load a checkpoint")
-        if self.distributed.world_size > 1:
-            load_distributed(self, path)
-        else:
-            super().load(path)
 
     def _save_state_hook(
         self, models: Sequence[torch.nn.Module], weights: Sequence[Any], output_dir: str

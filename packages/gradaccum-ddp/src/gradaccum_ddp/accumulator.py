@@ -27,7 +27,6 @@ adapter contract's `DDPDistributed` and hands it to the torch accumulator.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, NoReturn
 
@@ -48,7 +47,6 @@ from gradaccum.policies import (
 from gradaccum.schedules import Schedule
 from gradaccum.stats import AccumulationListener
 from gradaccum_ddp._version import PRODUCER, __version__
-from gradaccum_ddp.checkpoint import load_distributed, save_distributed
 from gradaccum_ddp.collectives import communication_errors
 from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_torch import Accumulator, BackwardResult
@@ -213,35 +211,3 @@ class DDPAccumulator(Accumulator):
             "Run forward and backward inside `with acc.microbatch(items): "
             "acc.backward(loss_fn(model(x), y))`"
         )
-
-    def save(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        model: bool = True,
-        optimizer: bool = True,
-        scheduler: bool = True,
-        scaler: bool = True,
-    ) -> None:
-        """Write a checkpoint in the shared format; call it on every rank at the
-        same point (between microbatches, mid-window included).
-
-        The ranks first check that they agree on the state (one all-gather);
-        rank 0 then gathers every rank's in-flight gradients (mid-window they
-        differ) as raw bytes, writes the directory atomically, and tells the
-        others whether it succeeded. Raises
-        `DistributedError` on every rank if any rank
-        failed; no checkpoint is then half-written.
-        """
-        self._check_idle("save a checkpoint")
-        save_distributed(
-            self, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
-        )
-
-    def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore a checkpoint on every rank: each rank reads the directory and
-        takes its own in-flight gradients (``gradients.rank<r>``). Boundary
-        checkpoints from any world size (and from gradaccum-torch) load; a
-        mid-window checkpoint needs the world size it was written with."""
-        self._check_idle("load a checkpoint")
-        load_distributed(self, path)

@@ -14,6 +14,7 @@ Every failed collective becomes a `gradaccum.DistributedError`.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,6 +82,29 @@ class DDPDistributed:
         self.manual_reductions += 1
         for observer in self._observers:
             observer("manual")
+
+    def save_checkpoint(
+        self,
+        acc: Any,
+        path: str | os.PathLike[str],
+        *,
+        model: bool,
+        optimizer: bool,
+        scheduler: bool,
+        scaler: bool,
+    ) -> None:
+        """`gradaccum_torch.DistributedCheckpoints`: see `gradaccum_ddp.checkpoint`."""
+        from gradaccum_ddp.checkpoint import save_distributed
+
+        save_distributed(
+            acc, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+        )
+
+    def load_checkpoint(self, acc: Any, path: str | os.PathLike[str]) -> None:
+        """`gradaccum_torch.DistributedCheckpoints`: see `gradaccum_ddp.checkpoint`."""
+        from gradaccum_ddp.checkpoint import load_distributed
+
+        load_distributed(acc, path)
 
     def all_gather(self, row: torch.Tensor) -> torch.Tensor:
         """Every rank's ``row`` stacked in rank order, on ``row``'s device."""

@@ -181,24 +181,6 @@ def _step(trainer: pl.Trainer, config: Any) -> None:
 class _GradAccumAccumulator(Accumulator):
     producer = (PRODUCER, __version__)
 
-    def save(self, path: str | os.PathLike[str], **kwargs: bool) -> None:
-        if self.distributed.world_size > 1:
-            from gradaccum_ddp.checkpoint import save_distributed
-
-            self._check_idle("save a checkpoint")
-            save_distributed(self, path, **kwargs)
-        else:
-            super().save(path, **kwargs)
-
-    def load(self, path: str | os.PathLike[str]) -> None:
-        if self.distributed.world_size > 1:
-            from gradaccum_ddp.checkpoint import load_distributed
-
-            self._check_idle("load a checkpoint")
-            load_distributed(self, path)
-        else:
-            super().load(path)
-
 
 class GradAccum(Callback):
     """Exact gradient accumulation for ``Trainer.fit``.

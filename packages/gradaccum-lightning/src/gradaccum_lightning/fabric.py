@@ -17,7 +17,6 @@ whose no-sync context is ``fabric.no_backward_sync``.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
@@ -40,7 +39,6 @@ from gradaccum.policies import (
 )
 from gradaccum.schedules import Schedule
 from gradaccum.stats import AccumulationListener
-from gradaccum_ddp.checkpoint import load_distributed, save_distributed
 from gradaccum_ddp.distributed import DDPDistributed
 from gradaccum_lightning._version import PRODUCER, __version__
 from gradaccum_torch import Accumulator, SingleProcess, TorchFramework
@@ -194,19 +192,3 @@ class FabricAccumulator(Accumulator):
                 )
 
             optimizer.step = refused  # type: ignore[method-assign]
-
-    def save(self, path: str | os.PathLike[str], **kwargs: bool) -> None:
-        """The shared format; on several processes on every process (rank 0 gathers)."""
-        self._check_idle("save a checkpoint")
-        if self.distributed.world_size > 1:
-            save_distributed(self, path, **kwargs)
-        else:
-            super().save(path, **kwargs)
-
-    def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore a shared-format checkpoint (any gradaccum stack)."""
-        self._check_idle("load a checkpoint")
-        if self.distributed.world_size > 1:
-            load_distributed(self, path)
-        else:
-            super().load(path)

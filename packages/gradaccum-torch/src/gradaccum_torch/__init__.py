@@ -21,7 +21,13 @@ from gradaccum import (
 from gradaccum_torch._version import PRODUCER, __version__
 from gradaccum_torch.accumulator import Accumulator
 from gradaccum_torch.boundary import BackwardResult
-from gradaccum_torch.contract import Distributed, Framework, SingleProcess, TorchFramework
+from gradaccum_torch.contract import (
+    Distributed,
+    DistributedCheckpoints,
+    Framework,
+    SingleProcess,
+    TorchFramework,
+)
 from gradaccum_torch.naming import canonical_name, named_parameters
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "ByStep",
     "ClipPolicy",
     "Distributed",
+    "DistributedCheckpoints",
     "Fixed",
     "Framework",
     "GradientWeights",

@@ -58,7 +58,13 @@ from gradaccum_torch.boundary import (
     positions,
 )
 from gradaccum_torch.checkpoint import load_checkpoint, save_checkpoint
-from gradaccum_torch.contract import Distributed, Framework, SingleProcess, TorchFramework
+from gradaccum_torch.contract import (
+    Distributed,
+    DistributedCheckpoints,
+    Framework,
+    SingleProcess,
+    TorchFramework,
+)
 from gradaccum_torch.gradients import GradientStore, gradient_store
 from gradaccum_torch.items import ItemCounter, check_count_tensor
 from gradaccum_torch.naming import named_parameters
@@ -690,15 +696,19 @@ class Accumulator:
         asked, the model, optimizer, scheduler and scaler state under canonical
         names. Works at any point between microbatches, mid-window included.
 
-        On several ranks an adapter must provide its own (``gradaccum_ddp``
-        gathers every rank's in-flight gradients)."""
+        On several ranks call it on every rank at the same point: the
+        distributed side (a `DistributedCheckpoints`, such as
+        ``gradaccum_ddp.DDPDistributed``) makes it a collective — rank 0
+        gathers every rank's in-flight gradients and writes, and every rank
+        returns, or raises, together."""
         self._check_idle("save a checkpoint")
-        if self._distributed.world_size > 1:
-            raise UsageError(
-                f"{type(self).__name__}.save() writes one rank's state; on "
-                f"{self._distributed.world_size} ranks use an adapter whose save() gathers "
-                f"every rank's in-flight gradients (gradaccum_ddp.DDPAccumulator)"
+        if self._distributed.world_size > 1 or isinstance(
+            self._distributed, DistributedCheckpoints
+        ):
+            self._ranks_checkpoints().save_checkpoint(
+                self, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
             )
+            return
         save_checkpoint(
             self,
             path,
@@ -711,9 +721,27 @@ class Accumulator:
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore a checkpoint written by any gradaccum adapter. Every file is
         verified and every name and shape checked against this model before
-        anything is changed."""
+        anything is changed. On several ranks call it on every rank: each takes
+        its own in-flight gradients; a mid-window checkpoint needs the world
+        size it was written with, a boundary one loads at any."""
         self._check_idle("load a checkpoint")
+        if self._distributed.world_size > 1 or isinstance(
+            self._distributed, DistributedCheckpoints
+        ):
+            self._ranks_checkpoints().load_checkpoint(self, path)
+            return
         load_checkpoint(self, path)
+
+    def _ranks_checkpoints(self) -> DistributedCheckpoints:
+        ranks = self._distributed
+        if not isinstance(ranks, DistributedCheckpoints):
+            raise UsageError(
+                f"{type(self).__name__}.save()/load() on {ranks.world_size} ranks need a "
+                f"distributed side that gathers every rank's in-flight gradients "
+                f"(gradaccum_torch.DistributedCheckpoints, as gradaccum_ddp.DDPDistributed); "
+                f"{type(ranks).__name__} is not one"
+            )
+        return ranks
 
 
 def _check_scheduler(scheduler: Any | None, optimizer: torch.optim.Optimizer) -> None:

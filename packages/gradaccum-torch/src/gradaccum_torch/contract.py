@@ -20,12 +20,19 @@ implementations; ``gradaccum_ddp.DDPDistributed`` is the DDP one.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Distributed", "Framework", "SingleProcess", "TorchFramework"]
+__all__ = [
+    "Distributed",
+    "DistributedCheckpoints",
+    "Framework",
+    "SingleProcess",
+    "TorchFramework",
+]
 
 _NOTHING: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
@@ -80,6 +87,32 @@ class Distributed(Protocol):
         device, in rank order. One collective, no host read: the boundary
         sends its item count, a bad-count flag and the rank-agreement row
         through it in one go (ACC-D3, ACC-D5)."""
+        ...
+
+
+@runtime_checkable
+class DistributedCheckpoints(Protocol):
+    """What a `Distributed` spanning several ranks adds so that
+    ``Accumulator.save`` / ``load`` work there: in the middle of a window
+    every rank holds its own in-flight gradient, so a checkpoint is a
+    collective (``gradaccum_ddp.DDPDistributed`` implements it: rank 0
+    gathers every rank's gradients and writes; every rank reads its own)."""
+
+    def save_checkpoint(
+        self,
+        acc: Any,
+        path: str | os.PathLike[str],
+        *,
+        model: bool,
+        optimizer: bool,
+        scheduler: bool,
+        scaler: bool,
+    ) -> None:
+        """Write ``acc``'s checkpoint; called on every rank at the same point."""
+        ...
+
+    def load_checkpoint(self, acc: Any, path: str | os.PathLike[str]) -> None:
+        """Restore ``acc`` from ``path``; called on every rank."""
         ...
 
 
