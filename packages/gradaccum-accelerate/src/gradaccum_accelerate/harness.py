@@ -13,8 +13,10 @@
   gloo on loopback; the prepared model is a ``DistributedDataParallel``).
   Each rank writes its trajectory as JSON; the harness returns rank 0's once
   it has checked that every rank's is identical, as
-  `gradaccum_ddp.harness.DDPHarness` does (whose pieces it reuses: the
-  trajectory's JSON form, the reduction counter, the probes' bookkeeping).
+  `gradaccum_ddp.harness.DDPHarness` does (with the same pieces, from
+  `gradaccum_ddp.harness_support`: the launch and the comparison of the
+  ranks, the trajectory's JSON form, the loop around ``iterate``, the
+  reduction counter, the probes' bookkeeping).
 
 Accelerate's singletons are reset before every ``Accelerator`` is built.
 
@@ -52,35 +54,17 @@ scaler and the recorder. Use it with the suite::
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
-from torch.nn.parallel import DistributedDataParallel
 
-import gradaccum.errors
 from gradaccum_accelerate.accumulator import Accumulator
 from gradaccum_accelerate.testing import launch_accelerate, one_process, reset_accelerate
-from gradaccum_conformance import (
-    Harness,
-    MicrobatchProbes,
-    MicrobatchView,
-    Scenario,
-    Trajectory,
-    TrajectoryRecorder,
-)
-from gradaccum_ddp.harness import (
-    _Counter,
-    _generator,
-    _passes,
-    _Pending,
-    _rebuild_error,
-    _shared,
-    trajectory_from_json,
-    trajectory_to_json,
-)
+from gradaccum_conformance import Harness, MicrobatchView, Scenario, Trajectory, TrajectoryRecorder
+from gradaccum_ddp.harness_support import WindowReductions, run_iterate_loop, run_on_ranks
 
 __all__ = ["AccelerateHarness", "run_rank"]
 
@@ -136,44 +120,19 @@ class AccelerateHarness(Harness):
         if scenario.world_size == 1:
             with one_process():
                 return run_rank(self, scenario, workdir, rank=0)
-        launched = launch_accelerate(
-            _rank_program,
-            scenario.world_size,
-            self,
-            scenario,
-            str(workdir),
-            timeout=self.timeout,
-            pg_timeout=60.0,
+        return run_on_ranks(
+            self, run_rank, scenario, workdir, timeout=self.timeout, launcher=launch_accelerate
         )
-        results = []
-        for rank in range(scenario.world_size):
-            path = workdir / f"trajectory.rank{rank}.json"
-            if not path.exists():
-                raise RuntimeError(
-                    f"{self.name}: rank {rank} wrote no trajectory ({launched}); its traceback "
-                    f"is on stderr"
-                )
-            results.append(json.loads(path.read_text()))
-        for rank, result in enumerate(results):
-            if "error" in result:
-                raise _rebuild_error(result["error"], rank)
-        first = results[0]["trajectory"]
-        for rank, result in enumerate(results[1:], start=1):
-            if _shared(result["trajectory"], scenario) != _shared(first, scenario):
-                raise AssertionError(
-                    f"{self.name}: rank {rank}'s trajectory differs from rank 0's "
-                    f"(parameters, learning rates, outcomes, counters or reductions): ranks "
-                    f"must agree on every decision"
-                )
-        return trajectory_from_json(first)
 
 
 class _Run:
     """One rank's objects, fresh from the scenario's factories, through
-    ``accelerator.prepare``."""
+    ``accelerator.prepare`` (an `gradaccum_ddp.harness_support.IterateRun`)."""
 
     def __init__(self, harness: AccelerateHarness, scenario: Scenario) -> None:
         reset_accelerate()
+        self.harness = harness
+        self.scenario = scenario
         self.accelerator = accelerator = harness.make_accelerator(scenario)
         self.module = scenario.make_model().to(scenario.device)
         optimizer = scenario.make_optimizer(self.module)
@@ -199,21 +158,34 @@ class _Run:
             scheduler=self.prepared_scheduler,
             scaler=self.scaler,
         )
-        self.counter: _Counter | None = None
-        if isinstance(self.model, DistributedDataParallel):
-            # Counts DDP's bucket all-reduces and the accumulator's own reductions.
-            self.counter = _Counter(self.model, self.acc.distributed)
+        # Counts DDP's bucket all-reduces and the accumulator's own reductions.
+        self.counter = WindowReductions.of(self.model, self.acc.distributed)
 
     def owners(self, recorder: TrajectoryRecorder) -> tuple[object, ...]:
         """What the memory probe ignores: the model (through DDP when prepared so),
         DDP's gradient buckets, the optimizer, the scaler and the recorder's
         snapshots. Not the accelerator: it holds the accumulator (its checkpoint
         hooks), whose buffers the probe must see."""
-        buckets = {} if self.counter is None else self.counter.bucket_buffers
+        buckets = self.counter.bucket_buffers
         return (self.model, self.module, buckets, self.optimizer, self.scaler, recorder)
 
     def reductions(self) -> int | None:
-        return None if self.counter is None else self.counter.take()
+        return self.counter.take()
+
+    def microbatch(self, view: MicrobatchView) -> None:
+        """One microbatch (its loss and outputs die here, before any probe looks)."""
+        with self.acc.microbatch(items=view.count):
+            with self.harness.forward_context(self.scenario):
+                loss = self.scenario.loss(self.model(view.x), view.y)
+            self.acc.backward(loss)
+
+    def save(self, path: Path) -> None:
+        """``accelerator.save_state``."""
+        self.accelerator.save_state(str(path))
+
+    def load(self, path: Path) -> None:
+        """``accelerator.load_state`` (into fresh singletons and objects)."""
+        self.accelerator.load_state(str(path))
 
 
 def run_rank(
@@ -225,89 +197,8 @@ def run_rank(
     belong to it, less the one comparison of a pass of known length on several
     processes, ACC-D6; reads after a microbatch, the ``end_pass`` inside
     ``iterate``, to that microbatch; checkpoints are not counted) and the
-    checkpoint points are those of `gradaccum_ddp.harness.run_rank`.
+    checkpoint points are those of `gradaccum_ddp.harness_support.run_iterate_loop`;
+    a checkpoint is ``accelerator.save_state``, everything rebuilt (singletons
+    included), ``accelerator.load_state``.
     """
-    passes = _passes(scenario, rank)
-    run = _Run(harness, scenario)
-    recorder = TrajectoryRecorder(run.module)
-    allowed = 1 if scenario.pass_length == "known" and scenario.world_size > 1 else 0
-    with MicrobatchProbes(scenario, *run.owners(recorder)) as probes:
-        for views in passes:
-            remaining = views
-            while remaining:
-                source = remaining if scenario.pass_length == "known" else _generator(remaining)
-                resumed_at: int | None = None
-                pending = _Pending(probes, recorder)
-                with probes.counting():
-                    for view in run.acc.iterate(source):
-                        pending.flush(probes.take(), allowed)
-                        windows = run.acc.machine.state.windows
-                        steps = run.acc.stats.optimizer_steps
-                        _microbatch(harness, run, scenario, view)
-                        boundary = run.acc.machine.state.windows != windows
-                        reads = probes.take()
-                        with probes.paused():
-                            if boundary:
-                                recorder.window(
-                                    run.module,
-                                    run.optimizer,
-                                    stepped=run.acc.stats.optimizer_steps != steps,
-                                    reductions=run.reductions(),
-                                )
-                            pending.hold(boundary, reads, probes.measure(boundary))
-                        if (
-                            view.global_index == scenario.checkpoint_after
-                            and not view.is_last_in_pass
-                        ):
-                            pending.flush(probes.take())
-                            with probes.paused():
-                                run = _checkpoint_and_resume(harness, scenario, run, workdir)
-                            probes.track(*run.owners(recorder))
-                            resumed_at = view.index_in_pass + 1
-                            break
-                pending.flush(probes.take())
-                if resumed_at is None:
-                    if views[-1].global_index == scenario.checkpoint_after:
-                        run = _checkpoint_and_resume(harness, scenario, run, workdir)
-                        probes.track(*run.owners(recorder))
-                    break
-                remaining = views[resumed_at:]
-    return recorder.finish(run.acc.stats, run.scheduler)
-
-
-def _microbatch(
-    harness: AccelerateHarness, run: _Run, scenario: Scenario, view: MicrobatchView
-) -> None:
-    """One microbatch (its loss and outputs die here, before any probe looks)."""
-    with run.acc.microbatch(items=view.count):
-        with harness.forward_context(scenario):
-            loss = scenario.loss(run.model(view.x), view.y)
-        run.acc.backward(loss)
-
-
-def _checkpoint_and_resume(
-    harness: AccelerateHarness, scenario: Scenario, run: _Run, workdir: Path
-) -> _Run:
-    """``accelerator.save_state``, everything rebuilt (singletons included),
-    ``accelerator.load_state``."""
-    path = str(workdir / "checkpoint")
-    run.accelerator.save_state(path)
-    del run
-    fresh = _Run(harness, scenario)
-    fresh.accelerator.load_state(path)
-    return fresh
-
-
-def _rank_program(
-    rank: int, world_size: int, harness: AccelerateHarness, scenario: Scenario, workdir: str
-) -> None:
-    out = Path(workdir) / f"trajectory.rank{rank}.json"
-    try:
-        result: dict[str, Any] = {
-            "trajectory": trajectory_to_json(run_rank(harness, scenario, Path(workdir), rank))
-        }
-    except gradaccum.errors.GradAccumError as exc:
-        result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(out)
+    return run_iterate_loop(functools.partial(_Run, harness, scenario), scenario, workdir, rank)

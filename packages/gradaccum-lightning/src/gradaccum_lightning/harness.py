@@ -48,7 +48,9 @@ script does:
   ``iter_microbatches(rank=r)``; reductions are counted per window by a
   `gradaccum_ddp.testing.ReductionCounter` on ``trainer.strategy.model``
   registered in ``on_fit_start`` (after GradAccum's). Each rank writes its
-  trajectory as JSON; ranks must agree (as in `gradaccum_ddp.harness`).
+  trajectory as JSON; ranks must agree (as in `gradaccum_ddp.harness`; the
+  launch, the comparison and the probes' bookkeeping are
+  `gradaccum_ddp.harness_support`'s).
 * probes (``scenario.probes``): host reads are counted over the whole fit and
   attributed to microbatches: a microbatch's are those from its
   ``on_train_batch_start`` to its ``on_train_batch_end`` (the wrapped
@@ -75,7 +77,6 @@ Use it with the suite::
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -83,7 +84,6 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-import gradaccum.errors
 from gradaccum.stats import AccumulationCallback, AccumulationStats
 from gradaccum_conformance import (
     Harness,
@@ -93,13 +93,13 @@ from gradaccum_conformance import (
     Trajectory,
     TrajectoryRecorder,
 )
-from gradaccum_ddp.harness import (
-    _Counter,
-    _Pending,
-    _rebuild_error,
-    _shared,
-    trajectory_from_json,
-    trajectory_to_json,
+from gradaccum_ddp.harness_support import (
+    BucketKeepingCounter,
+    PendingRecord,
+    WindowReductions,
+    allowed_pass_reads,
+    run_on_ranks,
+    scenario_passes,
 )
 from gradaccum_lightning.callback import GradAccum
 from gradaccum_lightning.testing import (
@@ -180,25 +180,17 @@ class _Run:
         self.scenario = scenario
         self.rank = rank
         self.workdir = workdir
-        self.passes = _passes(scenario, rank)
+        self.passes = scenario_passes(scenario, rank)
         self.offsets = [sum(len(p) for p in self.passes[:i]) for i in range(len(self.passes))]
         self.windows = _Windows()
         self.recorder: TrajectoryRecorder | None = None
         self.probes: MicrobatchProbes | None = None
-        self.pending: _Pending | None = None
-        self.counter: _Counter | None = None
+        self.pending: PendingRecord | None = None
+        self.counter = WindowReductions()
         self.seen: list[int] = []
         self.stopped_after: int | None = None
         self.checkpoint: Path | None = None
-        # ACC-D6: the one comparison before a pass of known length (several ranks only).
-        self.allowed = 1 if scenario.pass_length == "known" and scenario.world_size > 1 else 0
-
-
-def _passes(scenario: Scenario, rank: int) -> list[list[MicrobatchView]]:
-    passes: list[list[MicrobatchView]] = [[] for _ in scenario.passes]
-    for view in scenario.iter_microbatches(rank):
-        passes[view.pass_index].append(view)
-    return passes
+        self.allowed = allowed_pass_reads(scenario)  # ACC-D6
 
 
 class _BeforeGradAccum(pl.Callback):
@@ -237,7 +229,8 @@ class _Driver(pl.Callback):
         run = self.run
         if run.scenario.world_size > 1:
             acc = GradAccum.of(trainer).accumulator
-            run.counter = _Counter(trainer.strategy.model, acc.distributed)  # type: ignore[arg-type]
+            counter = BucketKeepingCounter(trainer.strategy.model, acc.distributed)  # type: ignore[arg-type]
+            run.counter = WindowReductions(counter)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self.run
@@ -255,7 +248,7 @@ class _Driver(pl.Callback):
         buckets. Not the LightningModule or the Trainer: they reach the callback."""
         plugin = trainer.precision_plugin
         scaler = getattr(plugin, "scaler", None)
-        buckets = {} if self.run.counter is None else self.run.counter.bucket_buffers
+        buckets = self.run.counter.bucket_buffers
         return (self.module.model, trainer.optimizers[0], scaler, self.run.recorder, buckets)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -290,9 +283,8 @@ class _Driver(pl.Callback):
             return
         closed = self._record_windows(trainer)
         if run.probes is not None and run.pending is not None:
-            if closed and run.pending.record is not None:
-                _, reads, _ = run.pending.record
-                run.pending.record = (True, reads, None)
+            if closed:
+                run.pending.mark_boundary()
             run.pending.flush(run.probes.take())
         last = run.offsets[trainer.current_epoch] + len(run.passes[trainer.current_epoch]) - 1
         if last == run.scenario.checkpoint_after and run.seen and run.seen[-1] == last:
@@ -308,7 +300,7 @@ class _Driver(pl.Callback):
                 self.module,
                 trainer.optimizers[0],
                 stepped=stepped,
-                reductions=None if run.counter is None else run.counter.take(),
+                reductions=run.counter.take(),
             )
         return bool(closed)
 
@@ -381,36 +373,9 @@ class LightningHarness(Harness):
     def run(self, scenario: Scenario, workdir: Path) -> Trajectory:
         if scenario.world_size == 1:
             return run_rank(self, scenario, workdir, rank=0)
-        launched = launch_lightning(
-            _rank_program,
-            scenario.world_size,
-            self,
-            scenario,
-            str(workdir),
-            timeout=self.timeout,
-            pg_timeout=60.0,
+        return run_on_ranks(
+            self, run_rank, scenario, workdir, timeout=self.timeout, launcher=launch_lightning
         )
-        results = []
-        for rank in range(scenario.world_size):
-            path = workdir / f"trajectory.rank{rank}.json"
-            if not path.exists():
-                raise RuntimeError(
-                    f"{self.name}: rank {rank} wrote no trajectory ({launched}); its traceback "
-                    f"is on stderr"
-                )
-            results.append(json.loads(path.read_text()))
-        for rank, result in enumerate(results):
-            if "error" in result:
-                raise _rebuild_error(result["error"], rank)
-        first = results[0]["trajectory"]
-        for rank, result in enumerate(results[1:], start=1):
-            if _shared(result["trajectory"], scenario) != _shared(first, scenario):
-                raise AssertionError(
-                    f"{self.name}: rank {rank}'s trajectory differs from rank 0's "
-                    f"(parameters, learning rates, outcomes, counters or reductions): ranks "
-                    f"must agree on every decision"
-                )
-        return trajectory_from_json(first)
 
 
 def _module(run: _Run) -> ScenarioModule:
@@ -440,7 +405,7 @@ def run_rank(harness: LightningHarness, scenario: Scenario, workdir: Path, rank:
     with quiet_lightning():
         if scenario.probes:
             run.probes = MicrobatchProbes(scenario)
-            run.pending = _Pending(run.probes, recorder)
+            run.pending = PendingRecord(run.probes, recorder)
         try:
             with run.probes.counting() if run.probes is not None else contextlib.nullcontext():
                 trainer, callback = _fit(harness, run, module, None)
@@ -473,18 +438,3 @@ def _check_stopped(run: _Run) -> None:
             f"the checkpoint was taken after microbatch {run.stopped_after} and "
             f"trainer.should_stop set, but the Trainer ran microbatches {run.seen}"
         )
-
-
-def _rank_program(
-    rank: int, world_size: int, harness: LightningHarness, scenario: Scenario, workdir: str
-) -> None:
-    out = Path(workdir) / f"trajectory.rank{rank}.json"
-    try:
-        result: dict[str, Any] = {
-            "trajectory": trajectory_to_json(run_rank(harness, scenario, Path(workdir), rank))
-        }
-    except gradaccum.errors.GradAccumError as exc:
-        result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(out)
