@@ -81,7 +81,7 @@ exec(BUILD, _namespace)
 build: Callable[[int], dict[str, Any]] = _namespace["build"]
 
 OLD, NEW, RECOVERY = 5, 6, 7
-FILES = ["gradients.safetensors", "model.safetensors", "manifest.json"]
+FILES = ["gradients.safetensors", "model.safetensors", "manifest.json", "manifest.sha256"]
 PREPARE = [
     "tmp-created",
     *(f"{what}:{name}" for name in FILES for what in ("written", "fsynced")),

@@ -29,6 +29,7 @@ from gradaccum.checkpoint import (
     validate_checkpoint,
     write_checkpoint,
 )
+from gradaccum.checkpoint.format import manifest_sidecar
 from gradaccum.errors import (
     CheckpointChecksumError,
     CheckpointCorruptError,
@@ -112,11 +113,19 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return out
 
 
+def reseal(ckpt: Path) -> None:
+    """Rewrite ``manifest.sha256`` for the manifest as it now is, so that an
+    edit on purpose reaches the checks behind the manifest checksum (CKPT-21)."""
+    raw = (ckpt / "manifest.json").read_bytes()
+    (ckpt / "manifest.sha256").write_bytes(manifest_sidecar(raw))
+
+
 def edit_manifest(ckpt: Path, edit: Any) -> None:
     path = ckpt / "manifest.json"
     doc = json.loads(path.read_text())
     edit(doc)
     path.write_text(json.dumps(doc))
+    reseal(ckpt)
 
 
 def rehash(ckpt: Path, role: str) -> None:
@@ -153,6 +162,7 @@ def test_round_trip(tmp_path: Path) -> None:
         "gradients.rank1.safetensors",
         "gradients.safetensors",
         "manifest.json",
+        "manifest.sha256",
         "optimizer.safetensors",
     ]
     assert ck.manifest == written
@@ -163,7 +173,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert ck.world_size == 2
     assert ck.roles == ("gradients", "gradients.rank1", "optimizer")
     assert ck.manifest.format_version == FORMAT_VERSION == 1
-    assert ck.manifest.spec_version == SPEC_VERSION == "1.1.0"
+    assert ck.manifest.spec_version == SPEC_VERSION == "1.2.0"
     assert before <= ck.manifest.created_unix <= after
     assert ck.path == path
     assert ck.source == path
@@ -197,7 +207,7 @@ def test_boundary_checkpoint_without_files(tmp_path: Path) -> None:
     write(tmp_path / "c", files={}, state=state, metadata=None)
     ck = read_checkpoint(tmp_path / "c")
     assert ck.roles == ()
-    assert os.listdir(tmp_path / "c") == ["manifest.json"]
+    assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json", "manifest.sha256"]
     assert ck.state["position"] == 0
     assert dict(ck.metadata) == {}
 
@@ -489,6 +499,7 @@ def test_extra_tensor_file(ckpt: Path) -> None:
 def test_manifest_not_json(ckpt: Path, raw: bytes, match: str) -> None:
     """CKPT-2: a manifest that is not one strict JSON object is refused."""
     (ckpt / "manifest.json").write_bytes(raw)
+    reseal(ckpt)
     with pytest.raises(CheckpointCorruptError, match=match):
         read_checkpoint(ckpt)
 
@@ -499,6 +510,7 @@ def test_manifest_with_nan(ckpt: Path) -> None:
     (ckpt / "manifest.json").write_text(
         text.replace('"created_unix": ', '"created_unix": NaN, "x":')
     )
+    reseal(ckpt)
     with pytest.raises(CheckpointCorruptError, match="NaN is not valid JSON"):
         read_checkpoint(ckpt)
 
@@ -704,7 +716,7 @@ def test_disk_failure_keeps_previous(ckpt: Path, monkeypatch: pytest.MonkeyPatch
     """CKPT-14: a disk failure mid-write raises CheckpointError, leaves the
     previous checkpoint in place and no temporary behind."""
     before = snapshot(ckpt.parent)
-    real = atomic._write_file
+    real = atomic.write_file
     calls = {"n": 0}
 
     def failing(path: Path, data: bytes) -> None:
@@ -713,7 +725,7 @@ def test_disk_failure_keeps_previous(ckpt: Path, monkeypatch: pytest.MonkeyPatch
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(atomic, "_write_file", failing)
+    monkeypatch.setattr(atomic, "write_file", failing)
     with pytest.raises(CheckpointError, match=r"No space left on device.*unchanged"):
         write(ckpt, state=make_state(epoch=4))
     assert snapshot(ckpt.parent) == before

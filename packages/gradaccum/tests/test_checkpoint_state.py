@@ -20,6 +20,7 @@ from gradaccum.checkpoint import (
     validate_checkpoint,
     write_checkpoint,
 )
+from gradaccum.checkpoint.format import manifest_sidecar
 from gradaccum.cli import main
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import CheckpointCorruptError, ConfigError, UsageError
@@ -40,6 +41,13 @@ ADAPTIVE: dict[str, Any] = {
     "non_finite": "skip",
 }
 ADAPTIVE_STATE = {"micro_batch": 4, "clean_windows": 1, "ooms": 0}
+
+
+def reseal(ckpt: Path) -> None:
+    """Rewrite ``manifest.sha256`` for the edited manifest (CKPT-21), so that
+    the checks behind the manifest checksum are reached."""
+    raw = (ckpt / "manifest.json").read_bytes()
+    (ckpt / "manifest.sha256").write_bytes(manifest_sidecar(raw))
 
 
 def good_state(**changes: Any) -> dict[str, Any]:
@@ -134,6 +142,7 @@ def impossible_checkpoint(path: Path, config: dict[str, Any], state: dict[str, A
     doc = json.loads(manifest.read_text(encoding="utf-8"))
     doc["state"] = state
     manifest.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    reseal(path)
 
 
 @pytest.mark.parametrize(("name", "config", "state", "field"), IMPOSSIBLE, ids=IDS)
@@ -269,6 +278,7 @@ def test_config_an_adapter_cannot_parse_is_refused(
     doc = json.loads(manifest.read_text(encoding="utf-8"))
     doc["config"] = config
     manifest.write_text(json.dumps(doc), encoding="utf-8")
+    reseal(path)
     with pytest.raises(CheckpointCorruptError, match=r"\$\.config is invalid") as info:
         read_checkpoint(path)
     assert reason in str(info.value)

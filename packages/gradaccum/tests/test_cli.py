@@ -18,10 +18,18 @@ from gradaccum.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from gradaccum.checkpoint.format import manifest_sidecar
 from gradaccum.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-v1-minimal"
 SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def reseal(ckpt: Path) -> None:
+    """Rewrite ``manifest.sha256`` for the edited manifest (CKPT-21), so that
+    the checks behind the manifest checksum are reached."""
+    raw = (ckpt / "manifest.json").read_bytes()
+    (ckpt / "manifest.sha256").write_bytes(manifest_sidecar(raw))
 
 
 @pytest.fixture
@@ -116,7 +124,7 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert "(checkpoint format 1, spec 1.1.0)" in capsys.readouterr().out
+    assert "(checkpoint format 1, spec 1.2.0)" in capsys.readouterr().out
 
 
 def test_python_dash_m(corrupted: Path) -> None:
@@ -146,6 +154,7 @@ def test_python_dash_m_refuses_a_state_load_refuses(tmp_path: Path) -> None:
     manifest = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
     manifest["state"].update(position=4, contributing=4, micro_steps=12)
     (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    reseal(copy)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),

@@ -1,30 +1,37 @@
 """The ``gradaccum`` command: inspect and validate checkpoints.
 
 ``gradaccum inspect PATH [--json]`` verifies a checkpoint and prints a
-summary (or its manifest as JSON); ``gradaccum validate PATH`` verifies it
-and prints ``valid: PATH`` (exit 0) or ``invalid: <reason>`` on stderr
-(exit 1). Usage errors exit 2.
+summary — what wrote it, where in the window it was taken, and what a stack
+needs to resume it — (or its manifest as JSON); ``gradaccum validate PATH``
+verifies it and prints ``valid: PATH`` (exit 0). Both print
+``invalid: <reason>`` on stderr (exit 1) for a checkpoint they refuse,
+never a traceback, and read each file in bounded chunks, so a hostile
+directory cannot make them hang or exhaust memory. Usage errors exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from gradaccum.checkpoint import (
     FORMAT_VERSION,
+    MANIFEST_SHA256_NAME,
     SPEC_VERSION,
     Checkpoint,
-    read_checkpoint,
+    Manifest,
+    open_checkpoint,
 )
 from gradaccum.errors import GradAccumError
 
-__all__ = ["main"]
+__all__ = ["main", "position_text", "resume_requirements"]
 
 _COUNTERS = (
     "epoch",
@@ -93,16 +100,101 @@ def _table(rows: Sequence[tuple[str, ...]], out: TextIO) -> None:
         out.write("\n")
 
 
+def _created(seconds: float) -> str:
+    try:
+        created = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):  # pragma: no cover - the schema bounds it
+        return f"{seconds} (seconds since the epoch)"
+    return f"{created:%Y-%m-%d %H:%M:%S} UTC ({seconds})"
+
+
+def _stack(name: str) -> str:
+    """The framework a producer name announces (``gradaccum-torch`` -> ``torch``)."""
+    prefix = "gradaccum-"
+    return name[len(prefix) :] if name.startswith(prefix) and len(name) > len(prefix) else name
+
+
+def _roles(manifest: Manifest, base: str) -> list[str]:
+    return [r for r in manifest.roles if r == base or r.startswith(base + ".")]
+
+
+def resume_requirements(manifest: Manifest) -> list[tuple[str, str]]:
+    """What a stack needs to resume this checkpoint, as (item, requirement)
+    rows: the world size (fixed mid-window, spec ACC-R5/CKPT-18), the
+    normalization a mid-window resume must keep, the in-flight gradient and
+    device item files, and which model, optimizer, scheduler and scaler state
+    it restores."""
+    state = manifest.state
+    mid = state["position"] > 0
+    rows: list[tuple[str, str]] = []
+    if mid:
+        rows.append(
+            (
+                "world size",
+                f"exactly {manifest.world_size} (taken mid-window; each rank resumes its own "
+                "in-flight gradients)",
+            )
+        )
+        rows.append(
+            ("normalization", f"{manifest.config.get('normalization')!s} (must match mid-window)")
+        )
+    else:
+        rows.append(
+            ("world size", f"any (taken at a window boundary; written by {manifest.world_size})")
+        )
+    grads = _roles(manifest, "gradients")
+    rows.append(
+        (
+            "in-flight grads",
+            ", ".join(f"{r} ({len(manifest.files[r].tensors)} tensors)" for r in grads)
+            if grads
+            else "none",
+        )
+    )
+    items = _roles(manifest, "items")
+    if items or state.get("device_items"):
+        rows.append(
+            (
+                "device items",
+                f"{len(items)} count(s): {', '.join(items) or 'none'}"
+                + (" (state.device_items = true)" if state.get("device_items") else ""),
+            )
+        )
+    for role, what in (("model", "model state"), ("optimizer", "optimizer state")):
+        entry = manifest.files.get(role)
+        rows.append((what, f"yes ({len(entry.tensors)} tensors)" if entry else "no"))
+    meta = manifest.metadata
+    scheduler = meta.get("scheduler")
+    if isinstance(scheduler, dict):
+        kind = scheduler.get("class")
+        rows.append(
+            ("scheduler state", f"yes ({_compact(kind, 40)})" if isinstance(kind, str) else "yes")
+        )
+    else:
+        rows.append(("scheduler state", "no"))
+    rows.append(("scaler state", "yes" if isinstance(meta.get("scaler"), dict) else "no"))
+    return rows
+
+
 def _summary(ckpt: Checkpoint, out: TextIO) -> None:
     m = ckpt.manifest
     state = m.state
-    created = datetime.datetime.fromtimestamp(m.created_unix, tz=datetime.timezone.utc)
     out.write(f"checkpoint       {ckpt.path}\n")
     if ckpt.source != ckpt.path:
         out.write(f"recovered from   {ckpt.source} (a writer was interrupted)\n")
     out.write(f"format version   {m.format_version} (spec {m.spec_version})\n")
-    out.write(f"producer         {m.producer.name} {m.producer.version}\n")
-    out.write(f"created          {created:%Y-%m-%d %H:%M:%S} UTC ({m.created_unix})\n")
+    out.write(
+        f"producer         {m.producer.name} {m.producer.version} "
+        f"(stack: {_stack(m.producer.name)})\n"
+    )
+    if ckpt.manifest_protected:
+        out.write(f"manifest         protected by {MANIFEST_SHA256_NAME}\n")
+    else:
+        out.write(
+            f"manifest         not protected (no {MANIFEST_SHA256_NAME}: written before spec "
+            "1.2.0)\n"
+        )
+    out.write(f"created          {_created(m.created_unix)}\n")
     out.write(f"world size       {m.world_size}\n")
     position = position_text(state)
     if state["position"]:
@@ -111,6 +203,8 @@ def _summary(ckpt: Checkpoint, out: TextIO) -> None:
             f"gradients {'synced' if state['synced_in_window'] else 'not synced'})"
         )
     out.write(f"position         {position}\n")
+    out.write("to resume\n")
+    _table(resume_requirements(m), out)
     out.write("counters\n")
     _table([(key, str(state[key])) for key in _COUNTERS], out)
     if state["schedule_state"]:
@@ -144,29 +238,54 @@ def _summary(ckpt: Checkpoint, out: TextIO) -> None:
         _table([(role, _compact(value)) for role, value in m.metadata.items()], out)
 
 
+def _safe_streams() -> None:
+    """Never fail on printing a name the terminal cannot encode."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
+
+
+def _open(path: str) -> Checkpoint | None:
+    """The verified checkpoint, or None after printing ``invalid: ...``."""
+    try:
+        return open_checkpoint(path, verify=True)
+    except GradAccumError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+    except Exception as exc:  # a bug: still no traceback, and say so
+        print(
+            f"invalid: checkpoint at '{path}' could not be checked: unexpected "
+            f"{type(exc).__name__}: {str(exc)[:300]} (this is a bug in gradaccum; please "
+            "report it)",
+            file=sys.stderr,
+        )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``gradaccum`` command line; returns the exit status
     (0 success, 1 invalid or missing checkpoint, 2 bad usage)."""
+    _safe_streams()
     parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 2
-    if args.command == "validate":
-        try:
-            read_checkpoint(args.path)
-        except GradAccumError as exc:
-            print(f"invalid: {exc}", file=sys.stderr)
-            return 1
-        print(f"valid: {args.path}")
-        return 0
-    try:
-        ckpt = read_checkpoint(args.path)
-    except GradAccumError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    ckpt = _open(args.path)
+    if ckpt is None:
         return 1
-    if args.json:
-        print(json.dumps(ckpt.manifest.to_json_dict(), indent=2, ensure_ascii=False))
-    else:
-        _summary(ckpt, sys.stdout)
+    try:
+        with ckpt:
+            if args.command == "validate":
+                print(f"valid: {args.path}")
+            elif args.json:
+                print(json.dumps(ckpt.manifest.to_json_dict(), indent=2, ensure_ascii=False))
+            else:
+                _summary(ckpt, sys.stdout)
+            sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `gradaccum inspect ... | head`
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0

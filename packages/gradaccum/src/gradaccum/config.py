@@ -181,22 +181,134 @@ class AccumulationConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AccumulationConfig:
-        """Parse and validate the JSON form written by `to_dict`."""
+        """Parse and validate the JSON form written by `to_dict`.
+
+        Every malformed input raises `ConfigError` naming the entry and the
+        value — never another exception: a value that is not a mapping, keys
+        that are not strings, nesting deeper than 64 levels (or a cycle),
+        integers outside ``[-2**63, 2**64 - 1]``, an entry of the wrong shape
+        (``{"weights": {"by_group": 5}}``) or type."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"config must be a mapping such as AccumulationConfig(4).to_dict(), got "
+                f"{type(data).__name__}"
+            )
+        _check_json_like(data, "config", 0)
         _known_keys("config", data, _KEYS)
         if "schedule" not in data:
             raise ConfigError(
                 "config needs a 'schedule' entry such as {'kind': 'fixed', 'steps': 4}"
             )
+        schedule = _part("schedule", data["schedule"], schedule_from_dict)
         clip = data.get("clip")
         weights = data.get("weights")
-        return cls(
-            schedule=schedule_from_dict(data["schedule"]),
-            normalization=data.get("normalization", "mean"),
-            partial_window=data.get("partial_window", "step"),
-            non_finite=data.get("non_finite", "skip"),
-            clip=None if clip is None else ClipPolicy.from_dict(clip),
-            weights=None if weights is None else GradientWeights.from_dict(weights),
-            accumulation_dtype=data.get("accumulation_dtype", "param"),
-            offload=data.get("offload", False),
-            micro_batch_size=data.get("micro_batch_size"),
+        if isinstance(clip, Mapping) and "norm_type" in clip:
+            norm_type = clip["norm_type"]
+            if norm_type != "inf" and (
+                isinstance(norm_type, bool) or not isinstance(norm_type, (int, float))
+            ):
+                raise ConfigError(
+                    f"clip norm_type={_show(norm_type)} must be a number such as 2.0 or the "
+                    "string 'inf'"
+                )
+        config: AccumulationConfig = _part(
+            "config",
+            data,
+            lambda _: cls(
+                schedule=schedule,
+                normalization=data.get("normalization", "mean"),
+                partial_window=data.get("partial_window", "step"),
+                non_finite=data.get("non_finite", "skip"),
+                clip=None if clip is None else _part("clip", clip, ClipPolicy.from_dict),
+                weights=(
+                    None if weights is None else _part("weights", weights, _weights_from_dict)
+                ),
+                accumulation_dtype=data.get("accumulation_dtype", "param"),
+                offload=data.get("offload", False),
+                micro_batch_size=data.get("micro_batch_size"),
+            ),
         )
+        _part("config", data, lambda _: config.to_dict())  # what is accepted must serialise
+        return config
+
+
+_MAX_DEPTH = 64
+_INT_BITS = 64
+_EXAMPLES = {
+    "schedule": "{'kind': 'fixed', 'steps': 4}",
+    "clip": "{'mode': 'norm', 'max': 1.0, 'norm_type': 2.0, 'per_microbatch': False}",
+    "weights": "{'by_name': {'*.bias': 0.0}, 'by_group': {'#0': 1.0}}",
+    "config": "AccumulationConfig(4).to_dict()",
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_json_like(value: Any, where: str, depth: int) -> None:
+    """Refuse what no parser below should see: non-string keys, nesting
+    deeper than `_MAX_DEPTH` (cycles included), out-of-range integers."""
+    if isinstance(value, (Mapping, list, tuple)):
+        if depth >= _MAX_DEPTH:
+            raise ConfigError(
+                f"{where[:200]} nests more than {_MAX_DEPTH} levels deep (or contains itself); "
+                "a config is a shallow JSON object — write it as to_dict() does"
+            )
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ConfigError(
+                        f"{where} has the key {_show(key)} of type {type(key).__name__}; config "
+                        "keys are strings (as in to_dict() output)"
+                    )
+                _check_json_like(item, f"{where}[{key!r}]", depth + 1)
+        else:
+            for index, item in enumerate(value):
+                _check_json_like(item, f"{where}[{index}]", depth + 1)
+    elif value is not None and not isinstance(value, (bool, int, float, str)):
+        raise ConfigError(
+            f"{where} is a {type(value).__name__} ({_show(value)}), which is not a JSON value; "
+            "a config holds only null, booleans, numbers, strings, lists and objects"
+        )
+    elif isinstance(value, int) and value.bit_length() > _INT_BITS:
+        raise ConfigError(
+            f"{where} is an integer of about {int(value.bit_length() * 0.30103)} digits; "
+            "config numbers must lie within [-2**63, 2**64 - 1]"
+        )
+
+
+def _weights_from_dict(data: Any) -> GradientWeights:
+    if isinstance(data, Mapping):
+        for key in ("by_name", "by_group"):
+            if key in data and not isinstance(data[key], Mapping):
+                raise ConfigError(
+                    f"weights[{key!r}]={_show(data[key])} must be a mapping of names to "
+                    f"weights, e.g. {_EXAMPLES['weights']}"
+                )
+    return GradientWeights.from_dict(data)
+
+
+def _part(name: str, value: Any, parse: Any) -> Any:
+    """``parse(value)``, with any error other than `ConfigError` (the
+    parsers expect the JSON shape `to_dict` writes) turned into one naming
+    the entry, the value and the expected form."""
+    try:
+        return parse(value)
+    except ConfigError:
+        raise
+    except (
+        TypeError,
+        ValueError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
+        shown = "config" if name == "config" else f"config[{name!r}]"
+        raise ConfigError(
+            f"{shown}={_show(value)} is malformed ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"write it as to_dict() does, e.g. {_EXAMPLES[name]}"
+        ) from None

@@ -2,9 +2,11 @@
 
 A checkpoint is a directory: ``manifest.json`` (format version, spec version,
 producer, accumulation state, config, a tensor index with SHA-256 checksums,
-per-role metadata) and one safetensors file per role. It is written
-atomically, read without pickle, and verified in full before anything is
-returned.
+per-role metadata), its checksum ``manifest.sha256`` and one safetensors file
+per role. It is written atomically (from bytes, or streamed tensor by tensor;
+by one process, or by every rank into a shared directory), read without
+pickle, and verified in full before anything is returned — all at once
+(`read_checkpoint`) or one file at a time (`open_checkpoint`).
 
 >>> from gradaccum.checkpoint import Producer, RawTensor, encode_safetensors
 >>> blob = encode_safetensors({"w": RawTensor("F32", (1,), b"\\x00\\x00\\x80?")})
@@ -18,6 +20,9 @@ from gradaccum.checkpoint.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MANIFEST_SHA256_NAME,
+    MAX_JSON_DEPTH,
+    MAX_MANIFEST_BYTES,
     OPTIONAL_STATE_KEYS,
     ROLE_PATTERN,
     SPEC_VERSION,
@@ -27,6 +32,8 @@ from gradaccum.checkpoint.format import (
     Manifest,
     Producer,
     TensorEntry,
+    decode_file_entries,
+    encode_file_entries,
 )
 from gradaccum.checkpoint.safetensors_io import (
     DTYPE_SIZES,
@@ -41,9 +48,16 @@ from gradaccum.checkpoint.safetensors_io import (
 from gradaccum.checkpoint.schema import SchemaValidator, SchemaViolation, manifest_schema
 from gradaccum.checkpoint.store import (
     Checkpoint,
+    TensorFile,
+    TensorSource,
+    abort_checkpoint,
+    commit_checkpoint,
+    open_checkpoint,
     read_checkpoint,
+    stage_checkpoint,
     validate_checkpoint,
     write_checkpoint,
+    write_shard,
 )
 
 __all__ = [
@@ -51,7 +65,10 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MANIFEST_SHA256_NAME",
     "MAX_HEADER_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_MANIFEST_BYTES",
     "OPTIONAL_STATE_KEYS",
     "ROLE_PATTERN",
     "SPEC_VERSION",
@@ -66,12 +83,21 @@ __all__ = [
     "SchemaValidator",
     "SchemaViolation",
     "TensorEntry",
+    "TensorFile",
     "TensorInfo",
+    "TensorSource",
+    "abort_checkpoint",
+    "commit_checkpoint",
+    "decode_file_entries",
     "decode_safetensors",
+    "encode_file_entries",
     "encode_safetensors",
     "manifest_schema",
+    "open_checkpoint",
     "read_checkpoint",
     "read_safetensors_header",
+    "stage_checkpoint",
     "validate_checkpoint",
     "write_checkpoint",
+    "write_shard",
 ]

@@ -31,22 +31,29 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 __all__ = [
     "OLD_INFIX",
     "TMP_INFIX",
+    "create_staging",
     "exchange_supported",
+    "install_staging",
     "locate",
+    "remove_staging",
     "replace_directory",
     "stale_siblings",
+    "temporary_path",
+    "write_file",
 ]
 
 TMP_INFIX = ".tmp-"
 OLD_INFIX = ".old-"
 
 _RENAME_EXCHANGE = 2
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_MAX_WRITE = 1 << 30
 
 _renameat2: Callable[..., int] | None = None
 if sys.platform.startswith("linux"):  # pragma: no branch
@@ -137,17 +144,34 @@ def _fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+Chunks = Iterable["bytes | bytearray | memoryview"]
+
+
+def write_file(path: Path, data: bytes | bytearray | memoryview | Chunks) -> None:
+    """Create ``path`` (it must not exist: ``O_EXCL``) holding ``data`` — one
+    bytes-like object or an iterable of them, written in order as they come —
+    then fsync and close it. On any error the partial file is removed."""
+    fd = os.open(
+        path,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | _CLOEXEC,
+        0o666,
+    )
+    chunks: Chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        _stage("written", path.name)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                while view:
+                    written = os.write(fd, view[:_MAX_WRITE])
+                    view = view[written:]
+            _stage("written", path.name)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     _stage("fsynced", path.name)
 
 
@@ -179,31 +203,63 @@ def _remove(path: Path, stage: str | None = None) -> None:
             path.unlink()
 
 
-def replace_directory(target: Path, files: Mapping[str, bytes]) -> None:
-    """Atomically make ``target`` a directory holding exactly ``files``
-    (file name -> bytes). The caller has validated everything and checked
-    that replacing ``target`` is allowed. Raises `OSError` on a disk
-    failure; then ``target`` is unchanged and the temporary is removed."""
+def temporary_path(target: Path, token: str) -> Path:
+    """The temporary sibling ``.<name>.tmp-<token>`` a writer of ``target`` stages into."""
+    return target.parent / f".{target.name}{TMP_INFIX}{token}"
+
+
+def create_staging(target: Path, token: str | None = None) -> Path:
+    """Remove leftover temporaries of ``target``, then create and return the
+    empty temporary sibling (``token``, or a random one, names it)."""
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     for stale in stale_siblings(target, TMP_INFIX):
         _remove(stale)
-    tmp = parent / f".{target.name}{TMP_INFIX}{secrets.token_hex(8)}"
+    tmp = temporary_path(target, token or secrets.token_hex(8))
     os.mkdir(tmp)
-    try:
-        _stage("tmp-created")
-        for name, data in files.items():
-            _write_file(tmp / name, data)
-        _fsync_dir(tmp)
-        _fsync_dir(parent)
-        _stage("tmp-synced")
-        _install(tmp, target)
-    except BaseException:
-        _remove(tmp)
-        raise
+    _stage("tmp-created")
+    return tmp
+
+
+def install_staging(tmp: Path, target: Path) -> None:
+    """fsync the complete temporary ``tmp`` and its parent, then put it in
+    place of ``target`` atomically and remove set-aside copies (the stages
+    ``tmp-synced`` ... ``done``). Raises `OSError` on a disk failure; then
+    ``target`` is unchanged (the caller removes ``tmp``)."""
+    _fsync_dir(tmp)
+    _fsync_dir(target.parent)
+    _stage("tmp-synced")
+    _install(tmp, target)
     for old in stale_siblings(target, OLD_INFIX):
         _remove(old)
     _stage("done")
+
+
+def remove_staging(tmp: Path) -> None:
+    """Delete the temporary ``tmp`` and everything in it, ignoring errors."""
+    _remove(tmp)
+
+
+def replace_directory(
+    target: Path,
+    files: Mapping[str, bytes | bytearray | memoryview | Chunks | Callable[[], bytes]],
+) -> None:
+    """Atomically make ``target`` a directory holding exactly ``files``
+    (file name -> bytes, an iterable of bytes-like chunks written as they
+    come, or a zero-argument callable returning the bytes — called after the
+    files before it are written, so a manifest can record their digests).
+    The caller has validated everything and checked that replacing
+    ``target`` is allowed. Raises `OSError` on a disk failure, or whatever a
+    chunk iterator raises; then ``target`` is unchanged and the temporary is
+    removed."""
+    tmp = create_staging(target)
+    try:
+        for name, data in files.items():
+            write_file(tmp / name, data() if callable(data) else data)
+        install_staging(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _install(tmp: Path, target: Path) -> None:
@@ -252,6 +308,6 @@ def locate(target: Path) -> list[Path]:
     its two renames leaves the previous complete checkpoint there."""
     if os.path.lexists(target):
         return [target]
-    olds = [p for p in stale_siblings(target, OLD_INFIX) if p.is_dir()]
+    olds = [p for p in stale_siblings(target, OLD_INFIX) if p.is_dir() and not p.is_symlink()]
     olds.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
     return olds

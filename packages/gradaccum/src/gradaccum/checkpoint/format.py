@@ -15,6 +15,8 @@ validates is one every adapter can load, and the invariants live in one place.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import re
@@ -23,9 +25,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from gradaccum.checkpoint.schema import json_path, manifest_validator
+from gradaccum.checkpoint._json import MAX_JSON_DEPTH, loads_strict
+from gradaccum.checkpoint.schema import (
+    SchemaValidator,
+    json_path,
+    manifest_schema,
+    manifest_validator,
+)
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import (
+    CheckpointChecksumError,
     CheckpointCorruptError,
     CheckpointVersionError,
     ConfigError,
@@ -37,7 +46,11 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MANIFEST_SHA256_NAME",
+    "MAX_JSON_DEPTH",
+    "MAX_MANIFEST_BYTES",
     "OPTIONAL_STATE_KEYS",
+    "PROTECTED_SINCE",
     "ROLE_PATTERN",
     "SPEC_VERSION",
     "STATE_KEYS",
@@ -46,8 +59,12 @@ __all__ = [
     "Manifest",
     "Producer",
     "TensorEntry",
+    "check_manifest_sidecar",
     "check_state_and_config",
+    "decode_file_entries",
+    "encode_file_entries",
     "is_role",
+    "manifest_sidecar",
     "parse_manifest_bytes",
     "to_json_value",
     "validate_manifest_dict",
@@ -56,13 +73,19 @@ __all__ = [
 #: The format version this release writes.
 FORMAT_VERSION = 1
 #: The version of ``spec/checkpoint-v1.md`` this release implements.
-SPEC_VERSION = "1.1.0"
+SPEC_VERSION = "1.2.0"
 #: Every format version this release reads.
 SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1})
 #: The value of the manifest's ``"format"`` key.
 FORMAT_NAME = "gradaccum-checkpoint"
 #: The manifest's file name inside a checkpoint directory.
 MANIFEST_NAME = "manifest.json"
+#: The manifest's checksum file (CKPT-21), in ``sha256sum`` format.
+MANIFEST_SHA256_NAME = "manifest.sha256"
+#: The first spec version whose checkpoints must have a ``manifest.sha256`` (CKPT-21).
+PROTECTED_SINCE = (1, 2, 0)
+#: The largest ``manifest.json`` a reader accepts, in bytes (CKPT-20).
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 #: Roles name the tensor files: ``gradients``, ``gradients.rank1``, ``optimizer``, ...
 ROLE_PATTERN = r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*"
 #: The keys of the accumulation state, in the order they are written.
@@ -72,7 +95,8 @@ OPTIONAL_STATE_KEYS = ("device_items",)
 
 _ROLE = re.compile(ROLE_PATTERN)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_SEMVER = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
+_SEMVER = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}")
+_SIDECAR = re.compile(rb"([0-9a-f]{64})  manifest\.json\n")
 _FIX = (
     "the manifest is corrupt or was edited by hand — restore it from a copy "
     "or take a new checkpoint"
@@ -112,6 +136,18 @@ class FileEntry:
     sha256: str
     tensors: Mapping[str, TensorEntry]
 
+    def to_json_dict(self) -> dict[str, Any]:
+        """The entry as the manifest's ``files[role]`` JSON object."""
+        return {
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "tensors": {
+                name: {"dtype": t.dtype, "shape": list(t.shape), "sha256": t.sha256}
+                for name, t in self.tensors.items()
+            },
+        }
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -149,18 +185,7 @@ class Manifest:
             "world_size": self.world_size,
             "state": _copy(self.state),
             "config": _copy(self.config),
-            "files": {
-                role: {
-                    "path": entry.path,
-                    "size": entry.size,
-                    "sha256": entry.sha256,
-                    "tensors": {
-                        name: {"dtype": t.dtype, "shape": list(t.shape), "sha256": t.sha256}
-                        for name, t in entry.tensors.items()
-                    },
-                }
-                for role, entry in self.files.items()
-            },
+            "files": {role: entry.to_json_dict() for role, entry in self.files.items()},
             "metadata": _copy(self.metadata),
         }
 
@@ -197,16 +222,28 @@ def _freeze(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(_copy(value))
 
 
-def to_json_value(value: Any, where: str) -> Any:
+def to_json_value(value: Any, where: str, _depth: int = 0) -> Any:
     """A deep copy of ``value`` as plain JSON (tuples become lists).
 
     Raises `UsageError` naming the location for a
-    key that is not a string, a float that is not finite, or a value of a
-    type JSON cannot hold: those would not survive a round trip unchanged.
+    key that is not a string, a float that is not finite, an integer outside
+    ``[-2**63, 2**64 - 1]``, nesting deeper than `MAX_JSON_DEPTH` levels
+    (a cycle included), or a value of a type JSON cannot hold: those would not
+    survive a round trip unchanged or would be refused by readers (CKPT-20).
     """
+    if isinstance(value, (Mapping, list, tuple)) and _depth >= MAX_JSON_DEPTH:
+        raise UsageError(
+            f"{where[:200]} nests more than {MAX_JSON_DEPTH} levels deep (or contains itself); "
+            "checkpoint JSON is limited to that depth — store a flatter structure"
+        )
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
+        if not -(2**63) <= value <= 2**64 - 1:
+            raise UsageError(
+                f"{where} is an integer of {len(str(abs(int(value))))} digits, outside "
+                "[-2**63, 2**64 - 1], which readers refuse; store it as a string"
+            )
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -222,42 +259,61 @@ def to_json_value(value: Any, where: str) -> Any:
                     f"{where} has the key {key!r} of type {type(key).__name__}; JSON object keys "
                     f"must be strings — convert it (e.g. str({key!r})) before saving"
                 )
-            out[key] = to_json_value(item, f"{where}[{key!r}]")
+            out[key] = to_json_value(item, f"{where}[{key!r}]", _depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [to_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [to_json_value(item, f"{where}[{i}]", _depth + 1) for i, item in enumerate(value)]
     raise UsageError(
         f"{where} is a {type(value).__name__} ({value!r:.80}), which JSON cannot hold; "
         "store None, bool, int, float, str, list, tuple or a str-keyed mapping of these"
     )
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_manifest_bytes(raw: bytes, where: str) -> Manifest:
-    """Decode ``manifest.json`` bytes (strict JSON: UTF-8, no duplicate keys,
-    no ``NaN``) and validate them with `Manifest.from_json_dict`.
-    ``where`` prefixes error messages."""
+    """Decode ``manifest.json`` bytes (strict JSON within the limits of
+    CKPT-20: UTF-8, no duplicate keys, no ``NaN``, nesting at most
+    `MAX_JSON_DEPTH`, integers within int64/uint64, finite numbers) and
+    validate them with `Manifest.from_json_dict`. ``where`` prefixes error
+    messages."""
     try:
-        data = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
+        data = loads_strict(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointCorruptError(
             f"{where}: {MANIFEST_NAME} is not valid JSON ({exc}); {_FIX}"
         ) from exc
     return validate_manifest_dict(data, where)
+
+
+def manifest_sidecar(raw: bytes) -> bytes:
+    """The bytes of ``manifest.sha256`` for the manifest bytes ``raw``:
+    ``<sha256 hex>  manifest.json`` and a newline (``sha256sum`` format)."""
+    return f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST_NAME}\n".encode("ascii")
+
+
+def check_manifest_sidecar(raw: bytes, sidecar: bytes, where: str) -> None:
+    """Raise `CheckpointChecksumError` unless ``sidecar`` is exactly
+    `manifest_sidecar` of ``raw`` (CKPT-21): a malformed sidecar, or one
+    whose digest is not the manifest's."""
+    match = _SIDECAR.fullmatch(sidecar)
+    if match is None:
+        raise CheckpointCorruptError(
+            f"{where}: {MANIFEST_SHA256_NAME} is {sidecar[:100]!r}, not "
+            f"'<64 lowercase hex digits>  {MANIFEST_NAME}\\n'; {_FIX}"
+        )
+    recorded = match.group(1).decode("ascii")
+    actual = hashlib.sha256(raw).hexdigest()
+    if recorded != actual:
+        raise CheckpointChecksumError(
+            f"{where}: {MANIFEST_NAME} has SHA-256 {actual[:16]}… but {MANIFEST_SHA256_NAME} "
+            f"records {recorded[:16]}…; the manifest was modified or is corrupt — restore it "
+            "from a copy or take a new checkpoint"
+        )
+
+
+def requires_sidecar(spec_version: str) -> bool:
+    """True when a manifest of ``spec_version`` must have ``manifest.sha256`` (CKPT-21)."""
+    major, minor, patch = (int(p) for p in spec_version.split("."))
+    return (major, minor, patch) >= PROTECTED_SINCE
 
 
 def _require_int(value: Any, path: tuple[str | int, ...], where: str, fix: str) -> int:
@@ -321,30 +377,9 @@ def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
     state = data["state"]
     check_state_and_config(state, data["config"], where, fix)
 
-    files: dict[str, FileEntry] = {}
-    for role in sorted(data["files"]):
-        entry = data["files"][role]
-        if not is_role(role):
-            raise CheckpointCorruptError(
-                f"{where}: role {role!r} does not match {ROLE_PATTERN}; {fix}"
-            )
-        if entry["path"] != f"{role}.safetensors":
-            raise CheckpointCorruptError(
-                f"{where}: files[{role!r}].path is {entry['path']!r}, expected "
-                f"{role + '.safetensors'!r}; {fix}"
-            )
-        size = _require_int(entry["size"], ("files", role, "size"), where, fix)
-        tensors: dict[str, TensorEntry] = {}
-        for name in sorted(entry["tensors"]):
-            t = entry["tensors"][name]
-            shape = tuple(
-                _require_int(d, ("files", role, "tensors", name, "shape", i), where, fix)
-                for i, d in enumerate(t["shape"])
-            )
-            sha = _check_sha(t["sha256"], ("files", role, "tensors", name, "sha256"), where, fix)
-            tensors[name] = TensorEntry(t["dtype"], shape, sha)
-        sha = _check_sha(entry["sha256"], ("files", role, "sha256"), where, fix)
-        files[role] = FileEntry(entry["path"], size, sha, MappingProxyType(tensors))
+    files = {
+        role: _file_entry(role, data["files"][role], where, fix) for role in sorted(data["files"])
+    }
     for role in data["metadata"]:
         if not is_role(role):
             raise CheckpointCorruptError(
@@ -366,6 +401,66 @@ def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
     )
 
 
+def _file_entry(role: str, entry: dict[str, Any], where: str, fix: str) -> FileEntry:
+    """A schema-valid ``files[role]`` object as a `FileEntry` (CKPT-2, CKPT-4)."""
+    if not is_role(role):
+        raise CheckpointCorruptError(f"{where}: role {role!r} does not match {ROLE_PATTERN}; {fix}")
+    if entry["path"] != f"{role}.safetensors":
+        raise CheckpointCorruptError(
+            f"{where}: files[{role!r}].path is {entry['path']!r}, expected "
+            f"{role + '.safetensors'!r}; {fix}"
+        )
+    size = _require_int(entry["size"], ("files", role, "size"), where, fix)
+    tensors: dict[str, TensorEntry] = {}
+    for name in sorted(entry["tensors"]):
+        t = entry["tensors"][name]
+        shape = tuple(
+            _require_int(d, ("files", role, "tensors", name, "shape", i), where, fix)
+            for i, d in enumerate(t["shape"])
+        )
+        sha = _check_sha(t["sha256"], ("files", role, "tensors", name, "sha256"), where, fix)
+        tensors[name] = TensorEntry(t["dtype"], shape, sha)
+    sha = _check_sha(entry["sha256"], ("files", role, "sha256"), where, fix)
+    return FileEntry(entry["path"], size, sha, MappingProxyType(tensors))
+
+
+@functools.lru_cache(maxsize=1)
+def _files_validator() -> SchemaValidator:
+    schema = manifest_schema()
+    return SchemaValidator({"$defs": schema["$defs"], **schema["properties"]["files"]})
+
+
+def encode_file_entries(entries: Mapping[str, FileEntry]) -> bytes:
+    """``{role: FileEntry}`` as compact UTF-8 JSON (the manifest's ``files``
+    object), to send between ranks without pickle; `decode_file_entries`
+    inverts it. Raises `UsageError` for a role or entry of the wrong type."""
+    out: dict[str, Any] = {}
+    for role, entry in entries.items():
+        if not is_role(role) or not isinstance(entry, FileEntry):
+            raise UsageError(
+                f"file entry {role!r}: {entry!r:.100} must be a FileEntry under a valid role "
+                f"({ROLE_PATTERN}); pass what write_shard returned"
+            )
+        out[role] = entry.to_json_dict()
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode_file_entries(raw: bytes | bytearray | memoryview) -> dict[str, FileEntry]:
+    """Parse `encode_file_entries` output strictly (CKPT-20) and validate it
+    against the schema's ``files`` object; raise `CheckpointCorruptError`
+    for anything else."""
+    where = "file entries"
+    try:
+        data = loads_strict(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointCorruptError(f"{where}: not valid JSON ({exc}); {_FIX}") from exc
+    violations = list(_files_validator().iter_errors(data))
+    if violations:
+        shown = "; ".join(str(v) for v in violations[:5])
+        raise CheckpointCorruptError(f"{where}: invalid: {shown}; {_FIX}")
+    return {role: _file_entry(role, data[role], where, _FIX) for role in sorted(data)}
+
+
 def check_state_and_config(
     state: Any, config: Any, where: str, fix: str = _FIX
 ) -> tuple[AccumulationState, AccumulationConfig]:
@@ -385,11 +480,15 @@ def check_state_and_config(
         parsed = AccumulationState.from_state_dict(state)
     except ConfigError as exc:
         raise CheckpointCorruptError(f"{where}: $.state is invalid: {exc}; {fix}") from exc
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        raise CheckpointCorruptError(
+            f"{where}: $.state is invalid: it is malformed ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
     try:
         parsed_config = AccumulationConfig.from_dict(config)
     except ConfigError as exc:
         raise CheckpointCorruptError(f"{where}: $.config is invalid: {exc}; {fix}") from exc
-    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
         # The config parser expects JSON shaped like to_dict() output; a
         # malformed manifest must still be refused, never crash the reader.
         raise CheckpointCorruptError(
@@ -397,7 +496,7 @@ def check_state_and_config(
         ) from exc
     try:
         parsed_config.schedule.check_state(parsed.schedule_state)
-    except ConfigError as exc:
+    except (ConfigError, TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
         raise CheckpointCorruptError(
             f"{where}: $.state.schedule_state is invalid for the config's "
             f"{parsed_config.schedule.kind!r} schedule: {exc}; {fix}"

@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from gradaccum.checkpoint._json import loads_strict
 from gradaccum.errors import CheckpointCorruptError, UsageError
 
 __all__ = [
@@ -163,19 +165,6 @@ def _corrupt(source: str, problem: str) -> CheckpointCorruptError:
     return CheckpointCorruptError(f"{source}: {problem}; {_FIX}")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _parse_header(raw: bytes, source: str) -> dict[str, Any]:
     if not raw.startswith(b"{"):
         raise _corrupt(source, f"header does not start with '{{' (starts with {raw[:16]!r})")
@@ -184,10 +173,10 @@ def _parse_header(raw: bytes, source: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise _corrupt(source, f"header is not valid UTF-8 ({exc})") from exc
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = loads_strict(text)
     except ValueError as exc:
         raise _corrupt(source, f"header is not valid JSON ({exc})") from exc
-    if not isinstance(obj, dict):  # pragma: no cover - guarded by the '{' check
+    if not isinstance(obj, dict):
         raise _corrupt(source, f"header is JSON {type(obj).__name__}, not an object")
     return obj
 
@@ -219,7 +208,7 @@ def _validate_header(
                 "'dtype', 'shape', 'data_offsets'",
             )
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _corrupt(
                 source,
                 f"tensor {name!r} has dtype {dtype!r}; format version 1 allows "
@@ -317,13 +306,68 @@ def read_safetensors_header(
         return _validate_header(obj, header_size, len(data) - 8 - header_size, label)
 
     label = name or f"safetensors file '{os.fspath(source)}'"
-    with open(source, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < 8:
-            raise _corrupt(label, f"{size} bytes, shorter than the 8-byte header length")
-        (header_size,) = struct.unpack("<Q", fh.read(8))
-        _check_length(header_size, size, label)
-        raw = fh.read(header_size)
+    try:
+        fd = os.open(source, os.O_RDONLY | _NONBLOCK | _CLOEXEC | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise _corrupt(label, f"cannot open it ({exc.strerror or exc})") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _corrupt(label, f"it is {file_kind(info.st_mode)}, not a regular file")
+        return read_header_fd(fd, info.st_size, label)
+    finally:
+        os.close(fd)
+
+
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def file_kind(mode: int) -> str:
+    """``"a directory"``, ``"a FIFO"``, ... for an ``st_mode`` (for messages)."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """Exactly ``size`` bytes of ``fd`` from ``offset`` (fewer only at end of
+    file), in one ``bytes`` object allocated once; never reads beyond
+    ``offset + size``."""
+    if size <= _SMALL_READ:
+        data = os.pread(fd, size, offset)
+        if len(data) == size or not data:
+            return data
+    os.lseek(fd, offset, os.SEEK_SET)
+    with open(fd, "rb", closefd=False) as fh:  # BufferedReader.read(n) loops until n or EOF
+        return fh.read(size)
+
+
+_SMALL_READ = 8 * 1024 * 1024
+
+
+def read_header_fd(fd: int, size: int, label: str) -> SafetensorsHeader:
+    """Read and validate the header of the regular file open at ``fd`` whose
+    size is ``size``, reading only the 8-byte length and the header itself."""
+    if size < 8:
+        raise _corrupt(label, f"{size} bytes, shorter than the 8-byte header length")
+    prefix = pread_exact(fd, 8, 0)
+    if len(prefix) < 8:
+        raise _corrupt(label, f"{len(prefix)} bytes, shorter than the 8-byte header length")
+    (header_size,) = struct.unpack("<Q", prefix)
+    _check_length(header_size, size, label)
+    raw = pread_exact(fd, header_size, 8)
+    if len(raw) < header_size:
+        raise _corrupt(label, f"the file ended after {8 + len(raw)} of {size} bytes (truncated)")
     obj = _parse_header(raw, label)
     return _validate_header(obj, header_size, size - 8 - header_size, label)
 
@@ -347,6 +391,20 @@ def encode_safetensors(
             )
         if not isinstance(tensor, RawTensor):
             raise UsageError(f"tensor {tname!r} is a {type(tensor).__name__}; pass a RawTensor")
+    header, order = encode_header(
+        {tname: (t.dtype, t.shape) for tname, t in tensors.items()}, metadata
+    )
+    return b"".join([header, *(tensors[n].data for n in order)])
+
+
+def encode_header(
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, list[str]]:
+    """The first bytes of a safetensors file holding ``tensors`` (name ->
+    (dtype, shape)): the 8-byte length and the padded JSON header, and the
+    order in which the tensors' data must follow — exactly what
+    `encode_safetensors` writes (descending itemsize, then name). The caller
+    has validated names, dtypes and shapes."""
     header: dict[str, Any] = {}
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -354,19 +412,20 @@ def encode_safetensors(
                 f"safetensors metadata must map str to str, got {dict(metadata)!r:.200}"
             )
         header[_METADATA_KEY] = dict(metadata)
-    order = sorted(tensors, key=lambda n: (-DTYPE_SIZES[tensors[n].dtype], n))
+    order = sorted(tensors, key=lambda n: (-DTYPE_SIZES[tensors[n][0]], n))
     offset = 0
     for tname in order:
-        t = tensors[tname]
+        dtype, shape = tensors[tname]
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         header[tname] = {
-            "dtype": t.dtype,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += t.nbytes
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % _ALIGNMENT)
-    return b"".join([struct.pack("<Q", len(raw)), raw, *(tensors[n].data for n in order)])
+    return struct.pack("<Q", len(raw)) + raw, order
 
 
 def decode_safetensors(

@@ -2,7 +2,7 @@
 
 It implements exactly the keywords the checkpoint schema uses — ``type``,
 ``required``, ``properties``, ``additionalProperties``, ``patternProperties``,
-``enum``, ``const``, ``pattern``, ``minimum``, ``items``, ``minItems`` and
+``enum``, ``const``, ``pattern``, ``minimum``, ``maximum``, ``items``, ``minItems`` and
 ``$ref`` to ``#/...`` — with the draft's semantics (``1.0`` is an integer,
 ``true`` is not a number, ``pattern`` is a regular-expression *search*), and
 refuses, when it is built, a schema that uses any other assertion keyword.
@@ -44,6 +44,7 @@ _ASSERTIONS = frozenset(
         "const",
         "pattern",
         "minimum",
+        "maximum",
         "items",
         "minItems",
         "$ref",
@@ -250,6 +251,13 @@ class SchemaValidator:
             and value < schema["minimum"]
         ):
             yield SchemaViolation(path, f"expected a number >= {schema['minimum']}, got {value}")
+        if (
+            "maximum" in schema
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and value > schema["maximum"]
+        ):
+            yield SchemaViolation(path, f"expected a number <= {schema['maximum']}, got {value}")
         if isinstance(value, list):
             if "minItems" in schema and len(value) < schema["minItems"]:
                 yield SchemaViolation(

@@ -1,18 +1,33 @@
 """Writing, reading and validating checkpoint directories.
 
 `write_checkpoint` validates everything before it touches the disk
-(CKPT-14) and replaces the directory atomically (CKPT-12).
-`read_checkpoint` verifies every byte against the manifest before it
-returns anything (CKPT-7, CKPT-8) and never unpickles (CKPT-15).
+(CKPT-14) and replaces the directory atomically (CKPT-12); it takes each
+tensor file as bytes or as `TensorSource` objects streamed to disk one
+tensor at a time. `stage_checkpoint`, `write_shard` and
+`commit_checkpoint` do the same for a directory every rank sees, each rank
+writing its own files. `read_checkpoint` verifies every byte against the
+manifest before it returns anything (CKPT-7, CKPT-8) and never unpickles
+(CKPT-15); `open_checkpoint` verifies the same without holding any file's
+bytes, which are then read or memory-mapped one file at a time. Readers
+open only regular files inside the directory, without following links, and
+never read more bytes than the manifest declares (CKPT-20).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
 import os
+import re
+import stat
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from gradaccum.checkpoint import atomic
@@ -20,18 +35,31 @@ from gradaccum.checkpoint.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MANIFEST_SHA256_NAME,
+    MAX_MANIFEST_BYTES,
     ROLE_PATTERN,
     SPEC_VERSION,
+    FileEntry,
     Manifest,
     Producer,
+    TensorEntry,
+    check_manifest_sidecar,
     is_role,
+    manifest_sidecar,
     parse_manifest_bytes,
+    requires_sidecar,
     to_json_value,
     validate_manifest_dict,
 )
 from gradaccum.checkpoint.safetensors_io import (
+    DTYPE_SIZES,
     RawTensor,
+    SafetensorsHeader,
     decode_safetensors,
+    encode_header,
+    file_kind,
+    pread_exact,
+    read_header_fd,
     read_safetensors_header,
 )
 from gradaccum.errors import (
@@ -42,15 +70,308 @@ from gradaccum.errors import (
     UsageError,
 )
 
-__all__ = ["Checkpoint", "read_checkpoint", "validate_checkpoint", "write_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "TensorFile",
+    "TensorSource",
+    "abort_checkpoint",
+    "commit_checkpoint",
+    "open_checkpoint",
+    "read_checkpoint",
+    "stage_checkpoint",
+    "validate_checkpoint",
+    "write_checkpoint",
+    "write_shard",
+]
 
 _SUFFIX = ".safetensors"
 _RESTORE = "the file is corrupt — restore it from a copy or take a new checkpoint"
 _READ_ATTEMPTS = 3
+_CHUNK = 8 * 1024 * 1024
+_MAX_SIDECAR_BYTES = 4096
+_DIGEST_ON_ERROR_LIMIT = 256 * 1024 * 1024
+_PARALLEL_HASH_BYTES = 16 * 1024 * 1024  # files at least this large hash on two threads
+_TOKEN = re.compile(r"[0-9a-f]{8,64}")
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+BytesLike = bytes | bytearray | memoryview
 
 
 def _short(digest: str) -> str:
     return digest[:16] + "…"
+
+
+class _Side:
+    """Feeds one hash object on a helper thread, so that a file's SHA-256 and
+    its tensors' are computed at once on two cores (hashlib releases the GIL
+    for large updates). Without ``parallel`` it hashes inline. The data given
+    to `update` must stay unchanged until `wait` returns."""
+
+    def __init__(self, hasher: Any, parallel: bool) -> None:
+        self.hasher = hasher
+        self._pool = ThreadPoolExecutor(1) if parallel and (os.cpu_count() or 1) > 1 else None
+        self._pending: Future[None] | None = None
+
+    def update(self, data: BytesLike) -> None:
+        self.wait()
+        if self._pool is None:
+            self.hasher.update(data)
+        else:
+            self._pending = self._pool.submit(self.hasher.update, data)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
+# --------------------------------------------------------------------------- tensor sources
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """One tensor to be written, without its bytes in a safetensors file yet.
+
+    ``dtype`` is a safetensors dtype name (``"F32"``, ``"BF16"``, ...),
+    ``shape`` its shape, ``data`` its C-contiguous little-endian bytes — any
+    buffer (``bytes``, ``memoryview``, a NumPy array) — or a zero-argument
+    callable returning them, called once, when this tensor is written, so a
+    writer never holds more than one tensor's host copy. Construction checks
+    ``dtype`` and ``shape`` (`UsageError`); the length of ``data`` is checked
+    when it is written (``prod(shape) * itemsize`` bytes, else `UsageError`).
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: BytesLike | Callable[[], BytesLike]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_SIZES:
+            raise UsageError(
+                f"tensor dtype {self.dtype!r} is not a safetensors dtype of format version 1; "
+                f"use one of {', '.join(DTYPE_SIZES)}"
+            )
+        try:
+            shape = tuple(self.shape)
+        except TypeError:
+            shape = (-1,)
+        if any(type(d) is not int or d < 0 or d > 2**63 for d in shape):
+            raise UsageError(f"tensor shape {self.shape!r:.100} must be a tuple of integers >= 0")
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def nbytes(self) -> int:
+        """The number of data bytes, ``prod(shape) * itemsize``."""
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+FileSource = BytesLike | Mapping[str, TensorSource]
+
+
+@dataclass
+class _Planned:
+    """A tensor file to write: its manifest entry (digests filled in once
+    written, for streamed files) and its bytes as chunks."""
+
+    role: str
+    size: int
+    tensors: dict[str, TensorEntry]
+    sha256: str
+    chunks: Any  # bytes, or an iterator of buffers that fills in the digests
+
+    def entry(self) -> FileEntry:
+        return FileEntry(
+            self.role + _SUFFIX, self.size, self.sha256, MappingProxyType(dict(self.tensors))
+        )
+
+
+_PENDING = "0" * 64  # placeholder digest of a streamed file before it is written
+
+
+def _plan_file(role: Any, data: Any, where: str) -> _Planned:
+    if not is_role(role):
+        raise UsageError(
+            f"{where}: role {role!r} does not match {ROLE_PATTERN}; use lowercase names "
+            "such as 'gradients', 'gradients.rank1', 'model' or 'optimizer'"
+        )
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        blob = bytes(data)
+        try:
+            header = read_safetensors_header(blob, name=f"files[{role!r}]")
+        except CheckpointCorruptError as exc:
+            raise UsageError(f"{where}: {exc}; nothing was written") from exc
+        view = memoryview(blob)
+        start = header.data_start
+        tensors = {
+            name: TensorEntry(
+                info.dtype,
+                info.shape,
+                hashlib.sha256(view[start + info.begin : start + info.end]).hexdigest(),
+            )
+            for name, info in sorted(header.tensors.items())
+        }
+        return _Planned(role, len(blob), tensors, hashlib.sha256(blob).hexdigest(), blob)
+    if isinstance(data, Mapping):
+        sources: dict[str, TensorSource] = {}
+        for name, source in data.items():
+            if not isinstance(name, str) or not name or name == "__metadata__":
+                raise UsageError(
+                    f"{where}: files[{role!r}] has the tensor name {name!r:.80}; names must be "
+                    "non-empty strings other than '__metadata__'"
+                )
+            if not isinstance(source, TensorSource):
+                raise UsageError(
+                    f"{where}: files[{role!r}][{name!r}] is a {type(source).__name__}; pass a "
+                    "gradaccum.checkpoint.TensorSource(dtype, shape, data)"
+                )
+            sources[name] = source
+        header_bytes, order = encode_header({n: (t.dtype, t.shape) for n, t in sources.items()})
+        size = len(header_bytes) + sum(t.nbytes for t in sources.values())
+        planned = _Planned(
+            role,
+            size,
+            {n: TensorEntry(t.dtype, t.shape, _PENDING) for n, t in sorted(sources.items())},
+            _PENDING,
+            None,
+        )
+        planned.chunks = _stream(planned, header_bytes, order, sources, where)
+        return planned
+    raise UsageError(
+        f"{where}: files[{role!r}] is a {type(data).__name__}; pass the bytes of a safetensors "
+        "file or a mapping of tensor names to TensorSource"
+    )
+
+
+def _stream(
+    planned: _Planned,
+    header: bytes,
+    order: list[str],
+    sources: Mapping[str, TensorSource],
+    where: str,
+) -> Iterator[BytesLike]:
+    """Yield the file's bytes tensor by tensor, hashing as they go; once
+    exhausted, ``planned`` holds the real digests."""
+    side = _Side(hashlib.sha256(header), planned.size >= _PARALLEL_HASH_BYTES)
+    try:
+        yield header
+        yield from _stream_tensors(planned, side, order, sources, where)
+        side.wait()
+        planned.sha256 = side.hasher.hexdigest()
+    finally:
+        side.close()
+
+
+def _stream_tensors(
+    planned: _Planned,
+    side: _Side,
+    order: list[str],
+    sources: Mapping[str, TensorSource],
+    where: str,
+) -> Iterator[BytesLike]:
+    for name in order:
+        source = sources[name]
+        data = source.data() if callable(source.data) else source.data
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError as exc:
+            raise UsageError(
+                f"{where}: the data of tensor {name!r} in files[{planned.role!r}] is a "
+                f"{type(data).__name__} that is not a C-contiguous buffer ({exc}); pass bytes, "
+                "a memoryview or a contiguous array"
+            ) from None
+        if view.nbytes != source.nbytes:
+            raise UsageError(
+                f"{where}: tensor {name!r} in files[{planned.role!r}] ({source.dtype}, shape "
+                f"{list(source.shape)}) needs {source.nbytes} bytes of data, got {view.nbytes}; "
+                "nothing was installed"
+            )
+        side.update(view)
+        tensor_digest = hashlib.sha256(view).hexdigest()
+        side.wait()
+        planned.tensors[name] = TensorEntry(source.dtype, source.shape, tensor_digest)
+        yield view
+        del view, data
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class TensorFile:
+    """One verified tensor file, memory-mapped read-only (`Checkpoint.open_file`).
+
+    ``buffer`` is the whole file, ``tensor_view(name)`` one tensor's data
+    bytes; both are read-only views of the mapping (no copy). Use it as a
+    context manager or call `close`; release your own views (or copy them)
+    first.
+    """
+
+    def __init__(self, role: str, header: SafetensorsHeader, mapping: mmap.mmap) -> None:
+        self.role = role
+        self.header = header
+        self._mmap: mmap.mmap | None = mapping
+        self._view: memoryview | None = memoryview(mapping)
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole file, read-only."""
+        if self._view is None:
+            raise UsageError(f"tensor file {self.role!r} is closed; open it again")
+        return self._view
+
+    def tensor_view(self, name: str) -> memoryview:
+        """The data bytes of tensor ``name`` (read-only, no copy); raises
+        `CheckpointMismatchError` for a name the file does not hold."""
+        info = self.header.tensors.get(name)
+        if info is None:
+            raise CheckpointMismatchError(
+                f"tensor file {self.role!r} has no tensor {name!r}; it holds "
+                f"{sorted(self.header.tensors)[:10]!r}"
+            )
+        start = self.header.data_start
+        return self.buffer[start + info.begin : start + info.end]
+
+    def close(self) -> None:
+        """Release the mapping (it stays alive while views of it exist)."""
+        view, mapping = self._view, self._mmap
+        self._view = self._mmap = None
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:  # the caller still holds slices: the GC unmaps later
+                return
+        if mapping is not None:
+            with contextlib.suppress(BufferError):  # slices still exported: the GC unmaps
+                mapping.close()
+
+
+def _close_fds(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 class Checkpoint:
@@ -59,18 +380,57 @@ class Checkpoint:
     ``path`` is the path that was asked for; ``source`` is the directory the
     bytes came from (the same, unless a writer died mid-replacement and the
     previous checkpoint was recovered from its set-aside copy, CKPT-13).
+    `read_checkpoint` returns one holding every file's bytes;
+    `open_checkpoint` one holding an open descriptor per file and no bytes
+    (close it, or use it as a context manager). ``manifest_protected`` says
+    whether the manifest had a matching ``manifest.sha256`` (CKPT-21).
     """
 
     def __init__(
-        self, path: Path, source: Path, manifest: Manifest, data: Mapping[str, bytes]
+        self,
+        path: Path,
+        source: Path,
+        manifest: Manifest,
+        data: Mapping[str, bytes] | None = None,
+        *,
+        headers: Mapping[str, SafetensorsHeader] | None = None,
+        fds: dict[str, int] | None = None,
+        verified: bool = True,
+        manifest_protected: bool = True,
     ) -> None:
         self.path = path
         self.source = source
         self.manifest = manifest
-        self._data = dict(data)
+        self.manifest_protected = manifest_protected
+        self._data = dict(data or {})
+        self._headers = dict(headers or {})
+        self._fds: dict[str, int] = fds if fds is not None else {}
+        self._verified = verified
+        self._lazy = fds is not None
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
 
     def __repr__(self) -> str:
         return f"Checkpoint(path={str(self.path)!r}, roles={list(self.roles)!r})"
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file descriptors of an opened checkpoint (a no-op for a
+        `read_checkpoint` one, and when already closed)."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        """True once an opened checkpoint is closed."""
+        return self._lazy and not self._fds
+
+    @property
+    def label(self) -> str:
+        return f"checkpoint at '{self.path}'"
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -102,24 +462,96 @@ class Checkpoint:
         """The number of data-parallel ranks of the run that wrote it."""
         return self.manifest.world_size
 
-    def file_bytes(self, role: str) -> bytes:
-        """The verified bytes of ``<role>.safetensors``. Raises
-        `CheckpointMismatchError` for a role the
-        checkpoint does not hold."""
-        try:
-            return self._data[role]
-        except KeyError:
+    def _entry(self, role: str) -> FileEntry:
+        entry = self.manifest.files.get(role)
+        if entry is None:
             raise CheckpointMismatchError(
                 f"checkpoint at '{self.path}' has no {role!r} file; it holds "
                 f"{', '.join(repr(r) for r in self.roles) or 'no tensor files'} — "
                 "load only roles the checkpoint has, or take a checkpoint that includes it"
-            ) from None
+            )
+        return entry
+
+    def _fd(self, role: str) -> int:
+        if not self._fds:
+            raise UsageError(
+                f"checkpoint at '{self.path}' is closed; open it again with open_checkpoint"
+            )
+        return self._fds[role]
+
+    def header(self, role: str) -> SafetensorsHeader:
+        """The validated safetensors header of ``<role>.safetensors`` (no I/O)."""
+        entry = self._entry(role)
+        header = self._headers.get(role)
+        if header is None:
+            header = read_safetensors_header(self._data[role], name=entry.path)
+            self._headers[role] = header
+        return header
+
+    def read_file(self, role: str) -> bytes:
+        """The bytes of ``<role>.safetensors``, verified against the manifest
+        (size, header, file and per-tensor SHA-256: CKPT-7). An opened
+        checkpoint reads exactly the declared size from the file and holds
+        nothing afterwards; raises `CheckpointMismatchError` for a role the
+        checkpoint does not hold, `CheckpointChecksumError` when the bytes
+        changed since the checkpoint was opened."""
+        entry = self._entry(role)
+        if not self._lazy:
+            return self._data[role]
+        blob = pread_exact(self._fd(role), entry.size, 0)
+        _verify_blob(blob, entry, self.label)
+        return blob
+
+    def file_bytes(self, role: str) -> bytes:
+        """The verified bytes of ``<role>.safetensors`` (= `read_file`). Raises
+        `CheckpointMismatchError` for a role the checkpoint does not hold."""
+        return self.read_file(role)
+
+    def open_file(self, role: str, *, verify: bool = True) -> TensorFile:
+        """``<role>.safetensors`` memory-mapped read-only, as a `TensorFile`.
+
+        With ``verify`` (the default) the mapped bytes are hashed against the
+        manifest first (file and per-tensor SHA-256, CKPT-7) — pass ``False``
+        only when `open_checkpoint` already verified them and the file cannot
+        have changed since. The header is always re-read from the mapping
+        and checked against the manifest's index."""
+        entry = self._entry(role)
+        label = self.label
+        if not self._lazy:
+            data = self._data[role]
+            mapping = mmap.mmap(-1, len(data))
+            mapping.write(data)
+        else:
+            try:
+                mapping = mmap.mmap(self._fd(role), entry.size, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{label}: cannot map file {entry.path!r} ({exc}); check the file system"
+                ) from exc
+        view = memoryview(mapping)
+        try:
+            if len(view) != entry.size:
+                raise CheckpointCorruptError(
+                    f"{label}: file {entry.path!r} maps to {len(view)} bytes but the manifest "
+                    f"records {entry.size}; {_RESTORE}"
+                )
+            header = read_safetensors_header(view, name=f"{label}: file {entry.path!r}")
+            _check_index(header, entry, label)
+            if verify:
+                _verify_digests(view, header, entry, label)
+        except BaseException:
+            view.release()
+            with contextlib.suppress(BufferError):  # a traceback may still hold a slice
+                mapping.close()
+            raise
+        view.release()
+        return TensorFile(role, header, mapping)
 
     def tensors(self, role: str) -> dict[str, RawTensor]:
         """The tensors of ``role`` as `RawTensor` (pure Python, for
         tools and tests; framework adapters load `file_bytes` with the
         ``safetensors`` library)."""
-        return decode_safetensors(self.file_bytes(role), name=f"{role}{_SUFFIX}")
+        return decode_safetensors(self.read_file(role), name=f"{role}{_SUFFIX}")
 
 
 # --------------------------------------------------------------------------- writing
@@ -173,12 +605,78 @@ def _check_target(target: Path, shown: str, overwrite: bool) -> None:
         )
 
 
+class _Document:
+    """The validated JSON parts of a manifest, before the files are known."""
+
+    def __init__(
+        self,
+        where: str,
+        state: Any,
+        config: Any,
+        producer: Any,
+        world_size: Any,
+        metadata: Any,
+    ) -> None:
+        if not isinstance(producer, Producer):
+            raise UsageError(
+                f"{where}: producer is {producer!r:.100}; pass "
+                "gradaccum.checkpoint.Producer(name, version)"
+            )
+        if type(world_size) is not int or world_size < 1:
+            raise UsageError(f"{where}: world_size is {world_size!r:.40}; pass an integer >= 1")
+        for name, value in (("state", state), ("config", config)):
+            if not isinstance(value, Mapping):
+                raise UsageError(f"{where}: {name} is a {type(value).__name__}; pass a mapping")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise UsageError(f"{where}: metadata is a {type(metadata).__name__}; pass a mapping")
+        self.where = where
+        self.producer = producer
+        self.world_size = world_size
+        self.state = to_json_value(state, "state")
+        self.config = to_json_value(config, "config")
+        self.metadata = to_json_value(metadata or {}, "metadata")
+        self.created = time.time()
+
+    def manifest(self, files: Mapping[str, FileEntry]) -> Manifest:
+        """The validated manifest listing ``files``; `UsageError` if invalid."""
+        document = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "spec_version": SPEC_VERSION,
+            "producer": {"name": self.producer.name, "version": self.producer.version},
+            "created_unix": self.created,
+            "world_size": self.world_size,
+            "state": self.state,
+            "config": self.config,
+            "files": {role: files[role].to_json_dict() for role in sorted(files)},
+            "metadata": self.metadata,
+        }
+        fix = "pass a valid value to write_checkpoint; nothing was written"
+        try:
+            return validate_manifest_dict(document, self.where, fix)
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from exc
+
+
+def _disk_error(where: str, exc: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"{where}: {exc}; the previous checkpoint (if any) is unchanged — check free space "
+        "and permissions, then try again"
+    )
+
+
+def _plan_files(files: Any, where: str) -> list[_Planned]:
+    if not isinstance(files, Mapping):
+        raise UsageError(f"{where}: files is a {type(files).__name__}; pass a mapping")
+    return [_plan_file(role, files[role], where) for role in sorted(files, key=str)]
+
+
 def write_checkpoint(
     path: str | os.PathLike[str],
     *,
     state: Mapping[str, Any],
     config: Mapping[str, Any],
-    files: Mapping[str, bytes],
+    files: Mapping[str, FileSource],
     producer: Producer,
     world_size: int = 1,
     metadata: Mapping[str, Any] | None = None,
@@ -187,105 +685,385 @@ def write_checkpoint(
     """Write a checkpoint directory at ``path`` and return its manifest.
 
     ``files`` maps each role (``gradients``, ``gradients.rank1``,
-    ``optimizer``, ...) to the bytes of a safetensors file. Every argument is
-    validated first — roles, JSON values (string keys, finite floats; tuples
-    are stored as arrays), the state's schema and invariants and the config
-    (as `check_state_and_config` parses
-    them for readers), each file's safetensors header — and a problem raises
-    `UsageError` with nothing written (CKPT-14).
-    A path that is a file, a symbolic link, a non-empty directory that is not
-    a checkpoint, or an existing checkpoint with ``overwrite=False`` raises
-    `CheckpointError`, also before any write.
+    ``optimizer``, ...) to the bytes of a safetensors file, or to a mapping
+    of tensor names to `TensorSource` — then the file is written tensor by
+    tensor as `encode_safetensors` would lay it out, hashing while writing,
+    without ever holding the whole file. Every argument is validated first —
+    roles, JSON values (string keys, finite floats, bounded integers and
+    depth; tuples are stored as arrays), the state's schema and invariants
+    and the config (as `check_state_and_config` parses them for readers),
+    each file's safetensors header or tensor sources — and a problem raises
+    `UsageError` with nothing written (CKPT-14); a streamed tensor whose data
+    has the wrong length raises `UsageError` while writing, with the target
+    unchanged and the temporary removed. A path that is a file, a symbolic
+    link, a non-empty directory that is not a checkpoint, or an existing
+    checkpoint with ``overwrite=False`` raises `CheckpointError`, also before
+    any write.
 
-    The directory is then replaced atomically (CKPT-12): whatever happens,
-    ``path`` holds the previous complete checkpoint or the new complete one.
-    A disk failure raises `CheckpointError` and
-    leaves the previous checkpoint in place.
+    The directory — the tensor files, ``manifest.json`` and its checksum
+    ``manifest.sha256`` (CKPT-21) — is then replaced atomically (CKPT-12):
+    whatever happens, ``path`` holds the previous complete checkpoint or the
+    new complete one. A disk failure raises `CheckpointError` and leaves the
+    previous checkpoint in place.
     """
     target = _target(path)
     shown = os.fspath(path)
     where = f"cannot write checkpoint at '{shown}'"
-    fix = "pass a valid value to write_checkpoint; nothing was written"
-    if not isinstance(producer, Producer):
-        raise UsageError(
-            f"{where}: producer is {producer!r}; pass gradaccum.checkpoint.Producer(name, version)"
-        )
-    if type(world_size) is not int or world_size < 1:
-        raise UsageError(f"{where}: world_size is {world_size!r}; pass an integer >= 1")
-    for name, value in (("state", state), ("config", config), ("files", files)):
-        if not isinstance(value, Mapping):
-            raise UsageError(f"{where}: {name} is a {type(value).__name__}; pass a mapping")
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise UsageError(f"{where}: metadata is a {type(metadata).__name__}; pass a mapping")
-    json_state = to_json_value(state, "state")
-    json_config = to_json_value(config, "config")
-    json_metadata = to_json_value(metadata or {}, "metadata")
-
-    payload: dict[str, bytes] = {}
-    entries: dict[str, Any] = {}
-    for role in sorted(files, key=str):
-        data = files[role]
-        if not is_role(role):
-            raise UsageError(
-                f"{where}: role {role!r} does not match {ROLE_PATTERN}; use lowercase names "
-                "such as 'gradients', 'gradients.rank1', 'model' or 'optimizer'"
-            )
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise UsageError(
-                f"{where}: files[{role!r}] is a {type(data).__name__}; pass the bytes of a "
-                "safetensors file (e.g. safetensors.torch.save(tensors))"
-            )
-        blob = bytes(data)
-        try:
-            header = read_safetensors_header(blob, name=f"files[{role!r}]")
-        except CheckpointCorruptError as exc:
-            raise UsageError(f"{where}: {exc}; nothing was written") from exc
-        view = memoryview(blob)
-        start = header.data_start
-        entries[role] = {
-            "path": role + _SUFFIX,
-            "size": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest(),
-            "tensors": {
-                name: {
-                    "dtype": info.dtype,
-                    "shape": list(info.shape),
-                    "sha256": hashlib.sha256(
-                        view[start + info.begin : start + info.end]
-                    ).hexdigest(),
-                }
-                for name, info in sorted(header.tensors.items())
-            },
-        }
-        payload[role + _SUFFIX] = blob
-
-    document = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "spec_version": SPEC_VERSION,
-        "producer": {"name": producer.name, "version": producer.version},
-        "created_unix": time.time(),
-        "world_size": world_size,
-        "state": json_state,
-        "config": json_config,
-        "files": entries,
-        "metadata": json_metadata,
-    }
-    try:
-        manifest = validate_manifest_dict(document, where, fix)
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from exc
-
+    doc = _Document(where, state, config, producer, world_size, metadata)
+    planned = _plan_files(files, where)
+    doc.manifest({p.role: p.entry() for p in planned})  # everything but streamed digests
     _check_target(target, shown, overwrite)
-    payload[MANIFEST_NAME] = manifest.to_json_bytes()
+
+    result: list[Manifest] = []
+
+    def manifest_bytes() -> bytes:
+        manifest = doc.manifest({p.role: p.entry() for p in planned})
+        result.append(manifest)
+        return manifest.to_json_bytes()
+
+    raw: list[bytes] = []
+
+    def manifest_file() -> bytes:
+        raw.append(manifest_bytes())
+        return raw[0]
+
+    payload: dict[str, Any] = {p.role + _SUFFIX: p.chunks for p in planned}
+    payload[MANIFEST_NAME] = manifest_file
+    payload[MANIFEST_SHA256_NAME] = lambda: manifest_sidecar(raw[0])
     try:
         atomic.replace_directory(target, payload)
     except OSError as exc:
+        raise _disk_error(where, exc) from exc
+    return result[0]
+
+
+def _check_token(token: Any, where: str) -> str:
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise UsageError(
+            f"{where}: token {token!r:.80} must be 8 to 64 lowercase hex digits, the same on "
+            "every rank (e.g. rank 0's secrets.token_hex(8), broadcast)"
+        )
+    return token
+
+
+def stage_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    token: str,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    producer: Producer,
+    world_size: int = 1,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+) -> None:
+    """Begin a checkpoint that several ranks write into a directory they all
+    see (rank 0 calls it, before any rank calls `write_shard`).
+
+    Validates the state, config, metadata, producer and world size and checks
+    the target exactly as `write_checkpoint` does (CKPT-14: `UsageError` or
+    `CheckpointError` with nothing created), removes leftover temporaries of
+    ``path`` (CKPT-13) and creates the empty staging directory
+    ``.<name>.tmp-<token>`` next to it. ``token`` (8–64 lowercase hex digits)
+    must be the same on every rank."""
+    target = _target(path)
+    shown = os.fspath(path)
+    where = f"cannot write checkpoint at '{shown}'"
+    _check_token(token, where)
+    doc = _Document(where, state, config, producer, world_size, metadata)
+    doc.manifest({})
+    _check_target(target, shown, overwrite)
+    try:
+        atomic.create_staging(target, token)
+    except OSError as exc:
+        raise _disk_error(where, exc) from exc
+
+
+def write_shard(
+    path: str | os.PathLike[str], *, token: str, files: Mapping[str, FileSource]
+) -> dict[str, FileEntry]:
+    """Write this rank's tensor files into the staging directory that
+    `stage_checkpoint` created for ``path`` and return their manifest entries.
+
+    Each role's file (bytes of a safetensors file, or `TensorSource` objects
+    streamed tensor by tensor) is created exclusively (two ranks writing the
+    same role fail), hashed while written, and fsynced. Roles and headers are
+    validated first (`UsageError`, nothing written). Send the returned
+    entries to rank 0 (`encode_file_entries` / `decode_file_entries`) for
+    `commit_checkpoint`. A missing staging directory raises `CheckpointError`.
+    """
+    target = _target(path)
+    where = f"cannot write checkpoint at '{os.fspath(path)}'"
+    tmp = atomic.temporary_path(target, _check_token(token, where))
+    planned = _plan_files(files, where)
+    if not tmp.is_dir() or tmp.is_symlink():
         raise CheckpointError(
-            f"{where}: {exc}; the previous checkpoint (if any) is unchanged — check free space "
-            "and permissions, then try again"
+            f"{where}: the staging directory '{tmp}' does not exist; rank 0 must call "
+            "stage_checkpoint with the same token before any rank writes its shard"
+        )
+    try:
+        for p in planned:
+            atomic.write_file(tmp / (p.role + _SUFFIX), p.chunks)
+    except FileExistsError as exc:
+        raise UsageError(
+            f"{where}: {exc.filename!r} was already written by another rank; give each rank "
+            "its own roles (e.g. 'gradients.rank<r>')"
         ) from exc
+    except OSError as exc:
+        raise _disk_error(where, exc) from exc
+    return {p.role: p.entry() for p in planned}
+
+
+def commit_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    token: str,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    producer: Producer,
+    entries: Mapping[str, FileEntry],
+    world_size: int = 1,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+    verify: bool = False,
+) -> Manifest:
+    """Finish a checkpoint staged with `stage_checkpoint` (rank 0, after every
+    rank's `write_shard` returned) and return its manifest.
+
+    Checks that the staging directory holds exactly the files of
+    ``entries`` — regular files of the recorded sizes whose safetensors
+    headers match the recorded tensor index; with ``verify`` also re-hashed —
+    and that the manifest is valid, then writes ``manifest.json`` and
+    ``manifest.sha256`` and installs the directory atomically (CKPT-12).
+    Any failure raises (`UsageError`, `CheckpointError`), removes the staging
+    directory and leaves ``path`` unchanged."""
+    target = _target(path)
+    shown = os.fspath(path)
+    where = f"cannot write checkpoint at '{shown}'"
+    tmp = atomic.temporary_path(target, _check_token(token, where))
+    try:
+        doc = _Document(where, state, config, producer, world_size, metadata)
+        if not isinstance(entries, Mapping) or not all(
+            is_role(r) and isinstance(e, FileEntry) for r, e in entries.items()
+        ):
+            raise UsageError(
+                f"{where}: entries must map roles to the FileEntry objects write_shard returned"
+            )
+        manifest = doc.manifest(entries)
+        _check_target(target, shown, overwrite)
+        _check_staged(tmp, manifest, where, verify)
+        raw = manifest.to_json_bytes()
+        atomic.write_file(tmp / MANIFEST_NAME, raw)
+        atomic.write_file(tmp / MANIFEST_SHA256_NAME, manifest_sidecar(raw))
+        atomic.install_staging(tmp, target)
+    except OSError as exc:
+        atomic.remove_staging(tmp)
+        raise _disk_error(where, exc) from exc
+    except BaseException:
+        atomic.remove_staging(tmp)
+        raise
     return manifest
+
+
+def abort_checkpoint(path: str | os.PathLike[str], *, token: str) -> None:
+    """Remove the staging directory of a checkpoint begun with
+    `stage_checkpoint` (after a failure on any rank); ``path`` is untouched.
+    Calling it when the staging directory is gone does nothing."""
+    target = _target(path)
+    where = f"cannot abort checkpoint at '{os.fspath(path)}'"
+    atomic.remove_staging(atomic.temporary_path(target, _check_token(token, where)))
+
+
+def _check_staged(tmp: Path, manifest: Manifest, where: str, verify: bool) -> None:
+    try:
+        handle = _Dir(tmp)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{where}: the staging directory '{tmp}' cannot be opened ({exc.strerror}); "
+            "call stage_checkpoint first, with the same token"
+        ) from exc
+    try:
+        present = set(handle.names())
+        listed = {e.path for e in manifest.files.values()}
+        if present != listed:
+            raise CheckpointError(
+                f"{where}: the staging directory holds {sorted(present - listed)[:5]} that no "
+                f"entry lists and lacks {sorted(listed - present)[:5]}; every rank must "
+                "write_shard its files and rank 0 must pass all their entries"
+            )
+        for entry in manifest.files.values():
+            fd = handle.open_regular(entry.path, where)
+            try:
+                size = os.fstat(fd).st_size
+                if size != entry.size:
+                    raise CheckpointError(
+                        f"{where}: staged file {entry.path!r} is {size} bytes but its entry "
+                        f"records {entry.size}; write the shard again"
+                    )
+                header = read_header_fd(fd, size, f"{where}: staged file {entry.path!r}")
+                _check_index(header, entry, where)
+                if verify:
+                    _verify_fd(fd, header, entry, where)
+            finally:
+                os.close(fd)
+    finally:
+        handle.close()
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _check_index(header: SafetensorsHeader, entry: FileEntry, label: str) -> None:
+    """The header lists exactly the manifest's tensors, with its dtypes and shapes (CKPT-5)."""
+    if set(header.tensors) != set(entry.tensors):
+        only_file = sorted(set(header.tensors) - set(entry.tensors))
+        only_manifest = sorted(set(entry.tensors) - set(header.tensors))
+        raise CheckpointCorruptError(
+            f"{label}: file {entry.path!r} holds tensors the manifest does not list "
+            f"({only_file[:5]}) or lacks tensors it lists ({only_manifest[:5]}); "
+            f"{_RESTORE}"
+        )
+    for name, expected in entry.tensors.items():
+        info = header.tensors[name]
+        if (info.dtype, info.shape) != (expected.dtype, expected.shape):
+            raise CheckpointCorruptError(
+                f"{label}: tensor {name!r} in {entry.path!r} is {info.dtype} "
+                f"{list(info.shape)} but the manifest records {expected.dtype} "
+                f"{list(expected.shape)}; {_RESTORE}"
+            )
+
+
+def _file_mismatch(label: str, entry: FileEntry, digest: str) -> CheckpointChecksumError:
+    return CheckpointChecksumError(
+        f"{label}: file {entry.path!r} has SHA-256 {_short(digest)} but the manifest "
+        f"records {_short(entry.sha256)}; {_RESTORE}"
+    )
+
+
+def _tensor_mismatch(
+    label: str, entry: FileEntry, name: str, digest: str
+) -> CheckpointChecksumError:
+    return CheckpointChecksumError(
+        f"{label}: tensor {name!r} in {entry.path!r} has SHA-256 "
+        f"{_short(digest)} but the manifest records {_short(entry.tensors[name].sha256)}; "
+        f"{_RESTORE}"
+    )
+
+
+def _verify_digests(
+    view: BytesLike,
+    header: SafetensorsHeader,
+    entry: FileEntry,
+    label: str,
+    *,
+    file_verified: bool = False,
+) -> None:
+    """Compare the file's SHA-256 (unless ``file_verified``) and every
+    tensor's with the manifest, the file's first."""
+    data = memoryview(view)
+    side = _Side(hashlib.sha256(), not file_verified and len(data) >= _PARALLEL_HASH_BYTES)
+    try:
+        if not file_verified:
+            side.update(data)
+        start = header.data_start
+        digests = {
+            name: hashlib.sha256(data[start + info.begin : start + info.end]).hexdigest()
+            for name, info in header.tensors.items()
+        }
+        side.wait()
+    finally:
+        side.close()
+        data.release()
+    if not file_verified:
+        digest = side.hasher.hexdigest()
+        if digest != entry.sha256:
+            raise _file_mismatch(label, entry, digest)
+    for name, tensor_digest in digests.items():
+        if tensor_digest != entry.tensors[name].sha256:
+            raise _tensor_mismatch(label, entry, name, tensor_digest)
+
+
+def _verify_blob(blob: bytes, entry: FileEntry, label: str) -> SafetensorsHeader:
+    """Verify a whole file's bytes: size, file digest, header, index, tensor digests."""
+    if len(blob) != entry.size:
+        raise CheckpointCorruptError(
+            f"{label}: file {entry.path!r} is {len(blob)} bytes but the manifest records "
+            f"{entry.size}; the file is truncated or was replaced — restore it from a copy "
+            "or take a new checkpoint"
+        )
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != entry.sha256:
+        raise _file_mismatch(label, entry, digest)
+    header = read_safetensors_header(blob, name=f"{label}: file {entry.path!r}")
+    _check_index(header, entry, label)
+    _verify_digests(blob, header, entry, label, file_verified=True)
+    return header
+
+
+def _file_digest(fd: int, size: int) -> str:
+    """The SHA-256 of the first ``size`` bytes of ``fd``, read in bounded chunks."""
+    file_hash = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(_CHUNK, size - offset), offset)
+        if not chunk:
+            break
+        file_hash.update(chunk)
+        offset += len(chunk)
+    return file_hash.hexdigest()
+
+
+def _verify_fd(fd: int, header: SafetensorsHeader, entry: FileEntry, label: str) -> None:
+    """Stream the file open at ``fd`` through SHA-256 in bounded chunks (the
+    file digest and every tensor's at once) and compare with the manifest."""
+    side = _Side(hashlib.sha256(), entry.size >= _PARALLEL_HASH_BYTES)
+    try:
+        _stream_digests(fd, header, entry, label, side)
+    finally:
+        side.close()
+
+
+def _stream_digests(
+    fd: int, header: SafetensorsHeader, entry: FileEntry, label: str, side: _Side
+) -> None:
+    spans = [
+        (header.data_start + info.begin, header.data_start + info.end, name)
+        for name, info in header.tensors.items()
+    ]
+    hashes = {name: hashlib.sha256() for _, _, name in spans}
+    buffer = bytearray(min(_CHUNK, max(entry.size, 1)))
+    view = memoryview(buffer)
+    offset = 0
+    index = 0
+    while offset < entry.size:
+        want = min(len(buffer), entry.size - offset)
+        got = os.preadv(fd, [view[:want]], offset)
+        if got <= 0:
+            raise CheckpointCorruptError(
+                f"{label}: file {entry.path!r} ended after {offset} of {entry.size} bytes "
+                f"(truncated while being read); {_RESTORE}"
+            )
+        chunk = view[:got]
+        side.update(chunk)
+        end = offset + got
+        while index < len(spans) and spans[index][0] < end:
+            begin, stop, name = spans[index]
+            lo, hi = max(begin, offset), min(stop, end)
+            if hi > lo:
+                hashes[name].update(chunk[lo - offset : hi - offset])
+            if stop <= end:
+                index += 1
+            else:
+                break
+        side.wait()  # the buffer is reused for the next chunk
+        offset = end
+    digest = side.hasher.hexdigest()
+    if digest != entry.sha256:
+        raise _file_mismatch(label, entry, digest)
+    for _, _, name in spans:
+        tensor_digest = hashes[name].hexdigest()
+        if tensor_digest != entry.tensors[name].sha256:
+            raise _tensor_mismatch(label, entry, name, tensor_digest)
 
 
 # --------------------------------------------------------------------------- reading
@@ -296,14 +1074,17 @@ class _SwappedError(Exception):
 
 
 class _Dir:
-    """Reads files of one directory through a descriptor, so that a
-    concurrent replacement of the path cannot mix two checkpoints."""
+    """Opens files of one directory through a descriptor, so that a
+    concurrent replacement of the path cannot mix two checkpoints, and only
+    regular files, never following a link and never blocking (CKPT-20)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd: int | None = None
         if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
-            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        elif not path.is_dir():  # pragma: no cover - platforms without dir_fd
+            raise NotADirectoryError(str(path))
 
     def close(self) -> None:
         if self.fd is not None:
@@ -313,12 +1094,47 @@ class _Dir:
     def names(self) -> list[str]:
         return os.listdir(self.fd if self.fd is not None else self.path)
 
-    def read(self, name: str) -> bytes:
-        if self.fd is None:
-            return (self.path / name).read_bytes()
-        fd = os.open(name, os.O_RDONLY, dir_fd=self.fd)
-        with os.fdopen(fd, "rb") as fh:
-            return fh.read()
+    def open_regular(self, name: str, label: str) -> int:
+        """A read-only descriptor of the regular file ``name`` in the directory.
+
+        A symbolic link, FIFO, device, socket or directory is refused with
+        `CheckpointCorruptError` naming the file, without opening it (and
+        without blocking, should it turn into a FIFO in between)."""
+        where: dict[str, Any] = {"dir_fd": self.fd} if self.fd is not None else {}
+        target: str | Path = name if self.fd is not None else self.path / name
+        info = os.stat(target, follow_symlinks=False, **where)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(label, name, info.st_mode)
+        try:
+            fd = os.open(target, _OPEN_FLAGS, **where)
+        except OSError as exc:
+            if os.path.islink(self.path / name):
+                raise _not_regular(label, name, stat.S_IFLNK) from None
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise CheckpointError(
+                f"{label}: cannot open file {name!r} ({exc.strerror or exc}); check its permissions"
+            ) from exc
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise _not_regular(label, name, info.st_mode)
+        return fd
+
+    def read_small(self, name: str, limit: int, label: str) -> bytes:
+        """The whole regular file ``name``, refused when larger than ``limit``."""
+        fd = self.open_regular(name, label)
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                raise CheckpointCorruptError(
+                    f"{label}: {name!r} is {size} bytes, more than the {limit}-byte limit for "
+                    f"it; the file is corrupt or not part of a checkpoint — restore it from a "
+                    "copy or take a new checkpoint"
+                )
+            return pread_exact(fd, size, 0)
+        finally:
+            os.close(fd)
 
     def replaced(self) -> bool:
         if self.fd is None:
@@ -331,7 +1147,91 @@ class _Dir:
         return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
 
 
-def _read_directory(directory: Path, label: str) -> tuple[Manifest, dict[str, bytes]]:
+def _not_regular(label: str, name: str, mode: int) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{label}: {name!r} is {file_kind(mode)}, not a regular file; a checkpoint directory "
+        "holds only regular files — replace it with the file itself, or take a new checkpoint"
+    )
+
+
+@dataclass
+class _Opened:
+    manifest: Manifest
+    protected: bool
+    fds: dict[str, int]
+    headers: dict[str, SafetensorsHeader]
+
+
+def _open_directory(handle: _Dir, label: str) -> _Opened:
+    """Read and check the manifest (and its sidecar), and open every tensor
+    file: regular, of the declared size, header matching the index."""
+    names = set(handle.names())
+    if MANIFEST_NAME not in names:
+        raise CheckpointCorruptError(
+            f"{label}: the directory has no {MANIFEST_NAME}; it is not a gradaccum checkpoint "
+            "(or it was not written completely) — pass the directory written by write_checkpoint"
+        )
+    raw = handle.read_small(MANIFEST_NAME, MAX_MANIFEST_BYTES, label)
+    protected = MANIFEST_SHA256_NAME in names
+    if protected:
+        sidecar = handle.read_small(MANIFEST_SHA256_NAME, _MAX_SIDECAR_BYTES, label)
+        check_manifest_sidecar(raw, sidecar, label)
+    manifest = parse_manifest_bytes(raw, label)
+    if not protected and requires_sidecar(manifest.spec_version):
+        raise CheckpointCorruptError(
+            f"{label}: the manifest says spec {manifest.spec_version}, whose checkpoints always "
+            f"have {MANIFEST_SHA256_NAME}, but the directory has none (deleted, or the manifest "
+            "was edited); restore it from a copy or take a new checkpoint"
+        )
+
+    present = {n for n in names if n.endswith(_SUFFIX)}
+    listed = {entry.path for entry in manifest.files.values()}
+    if listed - present:
+        missing = ", ".join(repr(n) for n in sorted(listed - present))
+        raise CheckpointCorruptError(
+            f"{label}: the manifest lists {missing} but the directory does not hold it; "
+            "restore the missing file from a copy or take a new checkpoint"
+        )
+    if present - listed:
+        extra = ", ".join(repr(n) for n in sorted(present - listed)[:5])
+        raise CheckpointCorruptError(
+            f"{label}: the directory holds {extra}, which the manifest does not list; remove the "
+            "stray file or take a new checkpoint"
+        )
+
+    fds: dict[str, int] = {}
+    headers: dict[str, SafetensorsHeader] = {}
+    try:
+        for role, entry in manifest.files.items():
+            fd = handle.open_regular(entry.path, label)
+            fds[role] = fd
+            size = os.fstat(fd).st_size
+            if size != entry.size:
+                raise CheckpointCorruptError(
+                    f"{label}: file {entry.path!r} is {size} bytes but the manifest records "
+                    f"{entry.size}; the file is truncated or was replaced — restore it from a "
+                    "copy or take a new checkpoint"
+                )
+            try:
+                header = read_header_fd(fd, size, f"{label}: file {entry.path!r}")
+                _check_index(header, entry, label)
+            except CheckpointCorruptError:
+                # CKPT-7's order: a (small enough) file whose bytes are not the
+                # recorded ones is reported as a checksum mismatch, not by its
+                # first symptom.
+                if size <= _DIGEST_ON_ERROR_LIMIT:
+                    digest = _file_digest(fd, size)
+                    if digest != entry.sha256:
+                        raise _file_mismatch(label, entry, digest) from None
+                raise
+            headers[role] = header
+    except BaseException:
+        _close_fds(fds)
+        raise
+    return _Opened(manifest, protected, fds, headers)
+
+
+def _attempt(directory: Path, label: str, action: Callable[[_Dir], Any]) -> Any:
     try:
         handle = _Dir(directory)
     except NotADirectoryError:
@@ -343,8 +1243,15 @@ def _read_directory(directory: Path, label: str) -> tuple[Manifest, dict[str, by
         raise _SwappedError from None
     try:
         try:
-            return _verify(handle, label)
-        except (CheckpointError, FileNotFoundError):
+            return action(handle)
+        except FileNotFoundError as exc:
+            if handle.replaced():
+                raise _SwappedError from None
+            raise CheckpointCorruptError(
+                f"{label}: {exc.filename or 'a file'!r} disappeared while it was being read; "
+                "another process is changing the directory — try again when it is done"
+            ) from exc
+        except CheckpointError:
             if handle.replaced():
                 raise _SwappedError from None
             raise
@@ -352,93 +1259,7 @@ def _read_directory(directory: Path, label: str) -> tuple[Manifest, dict[str, by
         handle.close()
 
 
-def _verify(handle: _Dir, label: str) -> tuple[Manifest, dict[str, bytes]]:
-    names = set(handle.names())
-    if MANIFEST_NAME not in names:
-        raise CheckpointCorruptError(
-            f"{label}: the directory has no {MANIFEST_NAME}; it is not a gradaccum checkpoint "
-            "(or the manifest was deleted) — pass a checkpoint directory or restore it from a copy"
-        )
-    manifest = parse_manifest_bytes(handle.read(MANIFEST_NAME), label)
-
-    present = {n for n in names if n.endswith(_SUFFIX)}
-    listed = {entry.path for entry in manifest.files.values()}
-    if listed - present:
-        missing = ", ".join(repr(n) for n in sorted(listed - present))
-        raise CheckpointCorruptError(
-            f"{label}: the manifest lists {missing} but the directory does not hold it; "
-            "restore the missing file from a copy or take a new checkpoint"
-        )
-    if present - listed:
-        extra = ", ".join(repr(n) for n in sorted(present - listed))
-        raise CheckpointCorruptError(
-            f"{label}: the directory holds {extra}, which the manifest does not list; remove the "
-            "stray file or take a new checkpoint"
-        )
-
-    data: dict[str, bytes] = {}
-    for role, entry in manifest.files.items():
-        blob = handle.read(entry.path)
-        if len(blob) != entry.size:
-            raise CheckpointCorruptError(
-                f"{label}: file {entry.path!r} is {len(blob)} bytes but the manifest records "
-                f"{entry.size}; the file is truncated or was replaced — restore it from a copy "
-                "or take a new checkpoint"
-            )
-        digest = hashlib.sha256(blob).hexdigest()
-        if digest != entry.sha256:
-            raise CheckpointChecksumError(
-                f"{label}: file {entry.path!r} has SHA-256 {_short(digest)} but the manifest "
-                f"records {_short(entry.sha256)}; {_RESTORE}"
-            )
-        header = read_safetensors_header(blob, name=f"{label}: file {entry.path!r}")
-        if set(header.tensors) != set(entry.tensors):
-            only_file = sorted(set(header.tensors) - set(entry.tensors))
-            only_manifest = sorted(set(entry.tensors) - set(header.tensors))
-            raise CheckpointCorruptError(
-                f"{label}: file {entry.path!r} holds tensors the manifest does not list "
-                f"({only_file[:5]}) or lacks tensors it lists ({only_manifest[:5]}); "
-                f"{_RESTORE}"
-            )
-        view = memoryview(blob)
-        for name, expected in entry.tensors.items():
-            info = header.tensors[name]
-            if (info.dtype, info.shape) != (expected.dtype, expected.shape):
-                raise CheckpointCorruptError(
-                    f"{label}: tensor {name!r} in {entry.path!r} is {info.dtype} "
-                    f"{list(info.shape)} but the manifest records {expected.dtype} "
-                    f"{list(expected.shape)}; {_RESTORE}"
-                )
-            start = header.data_start
-            tensor_digest = hashlib.sha256(view[start + info.begin : start + info.end]).hexdigest()
-            if tensor_digest != expected.sha256:
-                raise CheckpointChecksumError(
-                    f"{label}: tensor {name!r} in {entry.path!r} has SHA-256 "
-                    f"{_short(tensor_digest)} but the manifest records {_short(expected.sha256)}; "
-                    f"{_RESTORE}"
-                )
-        data[role] = blob
-    return manifest, data
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read the checkpoint directory at ``path`` and verify all of it.
-
-    Before returning, the manifest is checked (format version, schema, and
-    the state and config exactly as an adapter's ``load`` parses them:
-    `from_state_dict`,
-    `from_dict` and the schedule's
-    ``check_state``), the set of ``*.safetensors`` files is compared with the
-    manifest's, and every file's size, SHA-256, safetensors header, tensor
-    index and per-tensor SHA-256 are verified. Raises
-    `CheckpointVersionError` for an unsupported format
-    version, `CheckpointChecksumError` for a checksum
-    mismatch, `CheckpointCorruptError` for any other
-    defect, and `CheckpointError` when there is no
-    checkpoint at ``path``. If ``path`` is missing because a writer died
-    between its two renames, the previous complete checkpoint is read from its
-    set-aside copy (CKPT-13).
-    """
+def _locate_and_read(path: str | os.PathLike[str], action: Callable[[_Dir, str], Any]) -> Any:
     target = _target(path)
     shown = os.fspath(path)
     label = f"checkpoint at '{shown}'"
@@ -449,7 +1270,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             break
         for directory in candidates:
             try:
-                manifest, data = _read_directory(directory, label)
+                return target, directory, _attempt(directory, label, lambda h: action(h, label))
             except _SwappedError:
                 break  # replaced under us: locate again
             except CheckpointError as exc:
@@ -459,9 +1280,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 continue
             except OSError as exc:
                 raise CheckpointError(
-                    f"{label}: cannot read it ({exc}); check the path and its permissions"
+                    f"{label}: cannot read it ({exc.strerror or exc}); check the path and its "
+                    "permissions"
                 ) from exc
-            return Checkpoint(target, directory, manifest, data)
         else:
             break
     if error is not None:
@@ -477,7 +1298,93 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     )
 
 
+def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read the checkpoint directory at ``path`` and verify all of it.
+
+    Before returning, the manifest is checked (its ``manifest.sha256``,
+    CKPT-21; strict bounded JSON, CKPT-20; format version, schema, and the
+    state and config exactly as an adapter's ``load`` parses them:
+    `from_state_dict`, `from_dict` and the schedule's ``check_state``), the
+    set of ``*.safetensors`` files is compared with the manifest's, and every
+    file — opened only if it is a regular file, without following links, and
+    read only up to its declared size — has its size, SHA-256, safetensors
+    header, tensor index and per-tensor SHA-256 verified. The returned
+    checkpoint holds every file's bytes (`open_checkpoint` holds none).
+    Raises `CheckpointVersionError` for an unsupported format version,
+    `CheckpointChecksumError` for a checksum mismatch,
+    `CheckpointCorruptError` for any other defect, and `CheckpointError`
+    when there is no checkpoint at ``path``. If ``path`` is missing because a
+    writer died between its two renames, the previous complete checkpoint is
+    read from its set-aside copy (CKPT-13).
+    """
+
+    def action(handle: _Dir, label: str) -> tuple[_Opened, dict[str, bytes]]:
+        opened = _open_directory(handle, label)
+        try:
+            data: dict[str, bytes] = {}
+            for role, entry in opened.manifest.files.items():
+                blob = pread_exact(opened.fds[role], entry.size, 0)
+                opened.headers[role] = _verify_blob(blob, entry, label)
+                data[role] = blob
+            return opened, data
+        finally:
+            _close_fds(opened.fds)
+
+    target, directory, (opened, data) = _locate_and_read(path, action)
+    return Checkpoint(
+        target,
+        directory,
+        opened.manifest,
+        data,
+        headers=opened.headers,
+        manifest_protected=opened.protected,
+    )
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:
+    """Open the checkpoint directory at ``path`` without holding its files' bytes.
+
+    Makes every check `read_checkpoint` makes on the manifest and the set of
+    files, opens each tensor file (regular, not through a link, of the
+    declared size) and validates its header against the manifest's index,
+    reading only the headers. With ``verify`` (the default) each file is then
+    streamed once through SHA-256 in bounded chunks and its file and tensor
+    digests compared with the manifest before this returns (CKPT-7);
+    without it they are checked when a file is read
+    (`Checkpoint.read_file`, `Checkpoint.open_file`). The returned
+    `Checkpoint` holds one descriptor per file, which keeps the files it
+    verified even if the directory is replaced meanwhile; close it (or use
+    ``with``). Raises what `read_checkpoint` raises.
+    """
+    if not isinstance(verify, bool):
+        raise UsageError(f"verify={verify!r} must be True or False")
+
+    def action(handle: _Dir, label: str) -> _Opened:
+        opened = _open_directory(handle, label)
+        if verify:
+            try:
+                for role, entry in opened.manifest.files.items():
+                    _verify_fd(opened.fds[role], opened.headers[role], entry, label)
+            except BaseException:
+                _close_fds(opened.fds)
+                raise
+        return opened
+
+    target, directory, opened = _locate_and_read(path, action)
+    return Checkpoint(
+        target,
+        directory,
+        opened.manifest,
+        headers=opened.headers,
+        fds=opened.fds,
+        verified=verify,
+        manifest_protected=opened.protected,
+    )
+
+
 def validate_checkpoint(path: str | os.PathLike[str]) -> Manifest:
-    """Verify the checkpoint at ``path`` exactly as `read_checkpoint`
-    does and return its manifest; raises the same errors."""
-    return read_checkpoint(path).manifest
+    """Verify the checkpoint at ``path`` exactly as `read_checkpoint` does
+    (streaming each file, so without holding its bytes) and return its
+    manifest; raises the same errors."""
+    with open_checkpoint(path, verify=True) as ckpt:
+        return ckpt.manifest
