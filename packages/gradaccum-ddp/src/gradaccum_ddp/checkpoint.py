@@ -4,52 +4,88 @@ Any accumulator whose distributed side is a `DDPDistributed` (``DDPAccumulator``
 the Accelerate and Lightning adapters on several processes) saves and loads
 through these two functions.
 
-One directory per checkpoint, written once, by rank 0, atomically
+One directory per checkpoint, installed once, by rank 0, atomically
 (``spec/checkpoint-v1.md``): the common accumulation state and config, the
-model, optimizer, scheduler and scaler state (identical on every rank), and
-each rank's own in-flight gradients as ``gradients.rank<r>`` (they differ
-until the boundary's all-reduce). Under ``normalization="items"`` a
-mid-window checkpoint also holds each rank's item count of the open window as
-``items.rank<r>`` (a float64 scalar named ``items``); the manifest's state
+model, optimizer, scheduler and scaler state (identical on every rank, written
+by rank 0), and each rank's own in-flight gradients as ``gradients.rank<r>``
+(they differ until the boundary's all-reduce). Under ``normalization="items"``
+a mid-window checkpoint also holds each rank's item count of the open window
+as ``items.rank<r>`` (a float64 scalar named ``items``); the manifest's state
 then records ``items_in_window = 0`` and ``device_items = true``, so the one
 state in the manifest is true for every rank and the count each rank resumes
 with is its own.
 
-The protocol (every rank calls `save_distributed` at the same point):
+Saving (every rank calls `save_distributed` at the same point):
 
-1. every rank serialises its own roles and all-gathers one row: a digest of
-   the state and config it would write, whether it got this far, and the
-   length of its bytes — ranks that disagree raise before anything is written;
-2. rank 0 gathers the other ranks' bytes as uint8 tensors (no pickle);
-3. rank 0 writes the directory atomically (temporary sibling, fsync, rename);
-4. all ranks all-gather rank 0's verdict: the call returns on every rank only
-   once the checkpoint is complete on disk, and raises on every rank if it
-   is not. A rank that dies in between makes the others raise
-   `DistributedError`; the target is then either
-   absent or the previous complete checkpoint.
+1. every rank describes its own files (tensor sources, no bytes yet) and
+   all-gathers one row: a digest of the state and config it would write,
+   whether it got this far, and a random number — ranks that disagree raise
+   before anything is written; rank 0's number names the staging directory;
+2. rank 0 stages the checkpoint (``stage_checkpoint``: everything validated,
+   an empty temporary sibling of the target created);
+3. every rank that sees the staging directory (a file system all ranks share,
+   the assumption ``torch.distributed.checkpoint`` makes) writes its own files
+   into it straight from its tensors, hashing while it writes
+   (``write_shard``); the files of a rank that does not see it (a directory
+   only rank 0 sees) travel to rank 0 as uint8 tensors, one rank at a time,
+   and rank 0 writes them — so rank 0 never holds more than one other rank's
+   files;
+4. rank 0 gathers the files' manifest entries and commits (``manifest.json``,
+   its checksum, fsync, atomic rename); on any failure it removes the staging
+   directory;
+5. all ranks all-gather rank 0's verdict: the call returns on every rank only
+   once the checkpoint is complete on disk, and raises on every rank if it is
+   not. A rank that dies in between makes the others raise
+   `DistributedError`; the target is then either absent or the previous
+   complete checkpoint.
+
+Loading (every rank calls `load_distributed`): the ranks first agree that
+they read the same manifest; every rank then verifies and checks, against its
+own live objects, everything it will restore (`prepare_load`); the ranks
+all-gather an ok flag and only when every rank is ready does any rank apply.
+If any rank refuses, every rank raises and none changed anything; if applying
+fails on some rank, the ranks that applied put their optimizer, scheduler,
+scaler and accumulation state back before the model is touched, and every
+rank raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import secrets
+import struct
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
-from gradaccum.checkpoint import MANIFEST_NAME, Producer, write_checkpoint
-from gradaccum.errors import DistributedError, UsageError
+from gradaccum.checkpoint import (
+    MANIFEST_NAME,
+    FileEntry,
+    Producer,
+    abort_checkpoint,
+    commit_checkpoint,
+    decode_file_entries,
+    encode_file_entries,
+    stage_checkpoint,
+    write_shard,
+)
+from gradaccum.checkpoint.atomic import temporary_path
+from gradaccum.errors import CheckpointError, DistributedError, UsageError
 from gradaccum.lockstep import Tag, describe, digest
 from gradaccum_ddp.collectives import (
     communication_errors,
     gather_bytes,
     gather_rows,
     pack_files,
-    unpack_files,
 )
 from gradaccum_ddp.distributed import DDPDistributed
-from gradaccum_torch.checkpoint import collect, items_role, load_checkpoint
+from gradaccum_torch.checkpoint import LoadPlan, collect, items_role, prepare_load
 from gradaccum_torch.tensor_io import tensors_to_bytes
 
 if TYPE_CHECKING:
@@ -101,18 +137,25 @@ def save_distributed(
     optimizer: bool = True,
     scheduler: bool = True,
     scaler: bool = True,
+    shared: bool | None = None,
 ) -> None:
-    """Write ``acc``'s checkpoint (see the module docstring); call on every rank."""
+    """Write ``acc``'s checkpoint (see the module docstring); call on every rank.
+
+    ``shared=None`` (the default) lets each rank write its own files when it
+    sees rank 0's staging directory and sends them through rank 0 otherwise;
+    ``False`` always sends them through rank 0; ``True`` requires every rank
+    to see the directory (a rank that does not raises, on every rank)."""
     ranks = _ranks(acc)
     rank, world = ranks.rank, ranks.world_size
     group, device = ranks.group, ranks.device
     config = acc.config.to_dict()
     state = acc.machine.state_dict()
-    files: dict[str, bytes] = {}
+    files: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
     error: BaseException | None = None
-    blob = b""
     try:
+        if shared not in (None, True, False):
+            raise UsageError(f"shared={shared!r} must be None, True or False")
         files, metadata = collect(
             acc,
             model=model and rank == 0,
@@ -121,36 +164,102 @@ def save_distributed(
             scaler=scaler and rank == 0,
             rank=rank,
             world_size=world,
+            stream=True,
         )
         state = _fold_items(acc, state, files)
-        suffix = f".rank{rank}"
-        blob = pack_files({role: data for role, data in files.items() if role.endswith(suffix)})
     except Exception as exc:
         error = exc
     state_digest = digest({"state": _common_state(acc, state), "config": config})
+    nonce = secrets.randbits(62)
     with communication_errors("the checkpoint's agreement step", rank):
-        rows = gather_rows([Tag.SAVE, state_digest, int(error is None), len(blob)], group, device)
+        rows = gather_rows([Tag.SAVE, state_digest, int(error is None), nonce], group, device)
     _raise_failures(rows, Tag.SAVE, rank, error, "no checkpoint was written")
     if any(row[:2] != rows[0][:2] for row in rows):
         raise DistributedError(describe([row[:2] for row in rows]))
-    with communication_errors("gathering the ranks' in-flight gradients", rank):
-        blobs = gather_bytes(blob, group, device, [row[3] for row in rows])
-    if blobs is not None:
+    token = f"{rows[0][3]:016x}"
+    producer = Producer(*acc.producer)
+    staged = False
+    try:
+        # 2. rank 0 stages
+        if rank == 0:
+            try:
+                stage_checkpoint(
+                    path,
+                    token=token,
+                    state=state,
+                    config=config,
+                    producer=producer,
+                    world_size=world,
+                    metadata=metadata,
+                )
+                staged = True
+            except Exception as exc:
+                error = exc
+        _step(rank, group, device, error, 1, "rank 0 could not stage the checkpoint")
+        # 3. every rank that sees the staging directory writes its own files
+        sees = shared is not False and os.path.isdir(
+            temporary_path(Path(os.path.abspath(os.fspath(path))), token)
+        )
+        own_files = {role: src for role, src in files.items() if role.endswith(f".rank{rank}")}
+        shared_files = {r: s for r, s in files.items() if r not in own_files}
+        entries: dict[str, FileEntry] = {}
+        blob = b""
         try:
-            for other, data in enumerate(blobs):
-                if other != rank:
-                    files.update(unpack_files(data))
-            write_checkpoint(
-                path,
-                state=state,
-                config=config,
-                files=files,
-                producer=Producer(*acc.producer),
-                world_size=world,
-                metadata=metadata,
-            )
+            if shared is True and not sees:
+                raise CheckpointError(
+                    f"rank {rank} does not see the staging directory of {os.fspath(path)!r}; "
+                    f"shared=True needs a directory every rank sees — pass shared=None"
+                )
+            if sees or rank == 0:
+                entries = write_shard(path, token=token, files={**own_files, **shared_files})
+                blob = encode_file_entries(entries) if rank != 0 else b""
+            else:
+                blob = b""
         except Exception as exc:
             error = exc
+        row = [Tag.SAVE, int(error is None), int(sees or rank == 0), len(blob)]
+        with communication_errors("the checkpoint's shard step", rank):
+            rows = gather_rows(row, group, device)
+        _raise_failures(rows, Tag.SAVE, rank, error, "no checkpoint was written", ok_at=1)
+        # ... and the files of ranks that do not see it go through rank 0, one rank at a time
+        for other in (r for r, row in enumerate(rows) if not row[2]):
+            data = None
+            if rank == other:
+                data = pack_files({role: _source_bytes(src) for role, src in own_files.items()})
+            with communication_errors(f"sending rank {other}'s files to rank 0", rank):
+                received = _relay(data, other, group, device)
+            if rank == 0 and received is not None:
+                try:
+                    entries.update(write_shard(path, token=token, files=_unpack(received)))
+                except Exception as exc:
+                    error = exc
+                del received
+        with communication_errors("gathering the files' manifest entries", rank):
+            blobs = gather_bytes(blob, group, device, [row[3] for row in rows])
+        # 4. rank 0 commits
+        if rank == 0 and error is None and blobs is not None:
+            try:
+                for other, data in enumerate(blobs):
+                    if other != 0 and data:
+                        entries.update(decode_file_entries(data))
+                commit_checkpoint(
+                    path,
+                    token=token,
+                    state=state,
+                    config=config,
+                    producer=producer,
+                    entries=entries,
+                    world_size=world,
+                    metadata=metadata,
+                )
+                staged = False
+            except Exception as exc:
+                error = exc
+    finally:
+        if staged:
+            with contextlib.suppress(Exception):
+                abort_checkpoint(path, token=token)
+    # 5. everyone learns rank 0's verdict
     with communication_errors("the checkpoint's completion step", rank):
         rows = gather_rows([Tag.SAVED, int(error is None)], group, device)
     _raise_failures(
@@ -162,46 +271,166 @@ def save_distributed(
     )
 
 
+def _step(
+    rank: int,
+    group: Any,
+    device: torch.device,
+    error: BaseException | None,
+    phase: int,
+    consequence: str,
+) -> None:
+    """One agreement row ``[SAVE, ok, phase]``: raise on every rank unless all are ok."""
+    with communication_errors("the checkpoint's agreement step", rank):
+        rows = gather_rows([Tag.SAVE, int(error is None), phase], group, device)
+    if any(row[2] != phase for row in rows):
+        raise DistributedError(describe(rows))
+    _raise_failures(rows, Tag.SAVE, rank, error, consequence, ok_at=1)
+
+
+def _source_bytes(files: Any) -> bytes:
+    """A role's safetensors bytes: ``files`` is already bytes, or tensor sources."""
+    if isinstance(files, (bytes, bytearray, memoryview)):
+        return bytes(files)
+    from gradaccum.checkpoint import RawTensor, encode_safetensors
+
+    raw = {}
+    for name, src in files.items():
+        data = src.data() if callable(src.data) else src.data
+        raw[name] = RawTensor(src.dtype, src.shape, bytes(data))
+    return encode_safetensors(raw)
+
+
+def _unpack(blob: memoryview) -> dict[str, memoryview]:
+    """`unpack_files` without copies: each role's bytes as a view of ``blob``."""
+    (size,) = struct.unpack_from("<Q", blob, 0)
+    index = json.loads(bytes(blob[8 : 8 + size]).decode())
+    out: dict[str, memoryview] = {}
+    offset = 8 + size
+    for role, length in index:
+        out[str(role)] = blob[offset : offset + int(length)]
+        offset += int(length)
+    return out
+
+
+def _relay(data: bytes | None, src: int, group: Any, device: torch.device) -> memoryview | None:
+    """Send ``data`` from group rank ``src`` to rank 0 (length first); rank 0
+    returns a view of the bytes received (no further copy), every other rank
+    ``None``."""
+    rank = dist.get_rank(group)
+    length = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    src_global = dist.get_global_rank(group, src) if group is not None else src
+    dst_global = dist.get_global_rank(group, 0) if group is not None else 0
+    if rank == src:
+        dist.send(length.to(device), dst=dst_global, group=group)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only bytes: send only reads them
+            payload = torch.frombuffer(data or b"\0", dtype=torch.uint8)
+        dist.send(payload.to(device), dst=dst_global, group=group)
+        return None
+    if rank == 0:
+        size = torch.zeros(1, dtype=torch.int64, device=device)
+        dist.recv(size, src=src_global, group=group)
+        n = int(size.item())
+        buf = torch.empty(max(n, 1), dtype=torch.uint8, device=device)
+        dist.recv(buf, src=src_global, group=group)
+        host = buf[:n].to("cpu")
+        view: memoryview = host.numpy().data
+        return view
+    return None
+
+
 def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
-    """Restore ``acc`` on every rank from ``path``; every rank must see the same
-    directory (on several nodes: a shared file system)."""
+    """Restore ``acc`` on every rank from ``path``, all or nothing (see the
+    module docstring); every rank must see the same directory (on several
+    nodes: a shared file system)."""
     ranks = _ranks(acc)
     rank, group, device = ranks.rank, ranks.group, ranks.device
     try:
         manifest = (Path(os.fspath(path)) / MANIFEST_NAME).read_bytes()
-    except OSError:
+    except (OSError, TypeError, ValueError):
         manifest = b""
     manifest_digest = int.from_bytes(hashlib.sha256(manifest).digest()[:7], "little")
     with communication_errors("the checkpoint's agreement step", rank):
         rows = gather_rows([Tag.LOAD, manifest_digest], group, device)
     if any(row != rows[0] for row in rows):
         raise DistributedError(describe(rows))
+    plan: LoadPlan | None = None
     error: BaseException | None = None
     try:
-        load_checkpoint(acc, path, rank=rank)
-    except Exception as exc:
-        error = exc
-    with communication_errors("the checkpoint's completion step", rank):
-        rows = gather_rows([Tag.LOADED, int(error is None)], group, device)
-    _raise_failures(
-        rows,
-        Tag.LOADED,
-        rank,
-        error,
-        "this rank loaded the checkpoint but the ranks are no longer consistent: fix the "
-        "cause and load again on every rank",
-    )
+        try:
+            plan = prepare_load(acc, path, rank=rank)
+        except Exception as exc:
+            error = exc
+        _load_step(rank, group, device, error, 1, "nothing was changed on any rank")
+        assert plan is not None
+        try:
+            plan.apply_reversible()
+        except Exception as exc:
+            error = exc
+        try:
+            _load_step(
+                rank,
+                group,
+                device,
+                error,
+                2,
+                "every rank put its optimizer, scheduler, scaler and accumulation state back; "
+                "nothing was changed",
+            )
+        except BaseException:
+            if error is None:
+                plan.undo()
+            raise
+        try:
+            plan.apply_model()
+        except Exception as exc:
+            error = exc
+        _load_step(
+            rank,
+            group,
+            device,
+            error,
+            3,
+            "the other ranks loaded the checkpoint but the ranks are no longer consistent: "
+            "fix the cause and load again on every rank",
+        )
+    finally:
+        if plan is not None:
+            plan.close()
+
+
+def _load_step(
+    rank: int,
+    group: Any,
+    device: torch.device,
+    error: BaseException | None,
+    phase: int,
+    consequence: str,
+) -> None:
+    """One row ``[LOADED, ok, phase]``: raise on every rank unless every rank is ok."""
+    with communication_errors("the checkpoint's agreement step", rank):
+        rows = gather_rows([Tag.LOADED, int(error is None), phase], group, device)
+    if any(row[2] != phase for row in rows):
+        raise DistributedError(describe(rows))
+    _raise_failures(rows, Tag.LOADED, rank, error, consequence)
 
 
 def _raise_failures(
-    rows: list[list[int]], tag: int, rank: int, error: BaseException | None, consequence: str
+    rows: list[list[int]],
+    tag: int,
+    rank: int,
+    error: BaseException | None,
+    consequence: str,
+    *,
+    ok_at: int | None = None,
 ) -> None:
     """Raise on every rank when the rows are not all ``tag`` (ranks out of step)
     or some rank reports a failure: this rank's own error where it failed, a
     `DistributedError` naming the failed ranks elsewhere."""
     if any(row[0] != tag for row in rows):
         raise DistributedError(describe(rows))
-    ok_at = 2 if tag == Tag.SAVE else 1
+    if ok_at is None:
+        ok_at = 2 if tag == Tag.SAVE else 1
     failed = [r for r, row in enumerate(rows) if not row[ok_at]]
     if not failed:
         return

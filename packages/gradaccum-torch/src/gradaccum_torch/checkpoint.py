@@ -7,28 +7,57 @@ It uses only the accumulator's public API (``model``, ``optimizer``,
 ``scheduler``, ``scaler``, ``machine``, ``gradients``, ``inflight_items``,
 ``named_parameters``, ``restore``), so any adapter built on the contract
 saves and loads through it.
+
+Scale: a save streams every tensor from its live memory into its file
+(`TensorSource`), hashing while writing; a load maps one file at a time
+read-only, verifies it, checks it, and copies it into the live tensors, so
+neither holds a second copy of more than one file.
+
+A load is all or nothing (ACC-E2, CKPT-17): `prepare_load` verifies and
+checks everything it will restore against the live objects — names, shapes,
+dtypes, value kinds and ranges of the model, optimizer, scheduler, scaler,
+accumulation state, in-flight gradients and item count — before anything
+changes; `LoadPlan.apply` then installs it, puts everything back if a step
+fails, and turns any exception into a `CheckpointError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
+import math
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradaccum.checkpoint import Producer, read_checkpoint, write_checkpoint
+from gradaccum.checkpoint import Checkpoint, Producer, open_checkpoint, write_checkpoint
 from gradaccum.config import AccumulationConfig
-from gradaccum.errors import CheckpointCorruptError, CheckpointMismatchError
+from gradaccum.errors import (
+    CheckpointChecksumError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    GradAccumError,
+)
 from gradaccum.state import AccumulationState
 from gradaccum_torch.naming import canonical_name
 from gradaccum_torch.tensor_io import (
+    SCALER_RANGES,
+    SCHEDULER_INTS,
+    SCHEDULER_RANGES,
+    check_like,
+    check_ranges,
     from_json,
     json_state,
     load_optimizer_state,
     optimizer_state,
     split_aliases,
-    tensors_from_bytes,
+    tensor_sources,
+    tensor_views,
     tensors_to_bytes,
 )
 
@@ -36,11 +65,13 @@ if TYPE_CHECKING:
     from gradaccum_torch.accumulator import Accumulator
 
 __all__ = [
+    "LoadPlan",
     "collect",
     "gradient_role",
     "items_role",
     "load_checkpoint",
     "model_tensors",
+    "prepare_load",
     "save_checkpoint",
 ]
 
@@ -75,24 +106,31 @@ def collect(
     scaler: bool,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """The files and metadata of a checkpoint of ``acc`` (this rank's gradients)."""
-    files: dict[str, bytes] = {}
+    stream: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The files and metadata of a checkpoint of ``acc`` (this rank's gradients).
+
+    Each file is the bytes of a safetensors file, or with ``stream`` a
+    mapping of tensor names to `gradaccum.checkpoint.TensorSource` that
+    `write_checkpoint`/`write_shard` write tensor by tensor, hashing while
+    they write (no second copy of the file in memory)."""
+    encode = tensor_sources if stream else tensors_to_bytes
+    files: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
     inflight = acc.gradients.export()
     if inflight:
-        files[gradient_role(rank, world_size)] = tensors_to_bytes(inflight)
+        files[gradient_role(rank, world_size)] = encode(inflight)
     items = acc.inflight_items()
     if items is not None:
-        files[items_role(rank, world_size)] = tensors_to_bytes({"items": items})
+        files[items_role(rank, world_size)] = encode({"items": items})
     if model:
         tensors, aliases = split_aliases(model_tensors(acc.model, acc.framework.name_prefix))
-        files["model"] = tensors_to_bytes(tensors)
+        files["model"] = encode(tensors)
         if aliases:
             metadata["model"] = {"aliases": aliases}
     if optimizer:
         tensors, meta = optimizer_state(acc.optimizer, _names_by_id(acc))
-        files["optimizer"] = tensors_to_bytes(tensors)
+        files["optimizer"] = encode(tensors)
         metadata["optimizer"] = meta
     if scheduler and acc.scheduler is not None:
         metadata["scheduler"] = {
@@ -113,9 +151,11 @@ def save_checkpoint(
     scheduler: bool = True,
     scaler: bool = True,
 ) -> None:
-    """Write ``acc``'s checkpoint atomically (see `Accumulator.save`)."""
+    """Write ``acc``'s checkpoint atomically (see `Accumulator.save`),
+    streaming each tensor from its live memory into its file (hashes computed
+    while writing; no file is built in memory first)."""
     files, metadata = collect(
-        acc, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+        acc, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stream=True
     )
     write_checkpoint(
         path,
@@ -128,81 +168,447 @@ def save_checkpoint(
     )
 
 
-def load_checkpoint(acc: Accumulator, path: str | os.PathLike[str], *, rank: int = 0) -> None:
-    """Restore ``acc`` (and its model, optimizer, scheduler, scaler) from ``path``.
+class LoadPlan:
+    """A checkpoint opened, verified and checked against the live objects of
+    an accumulator, nothing applied yet (`prepare_load`).
 
-    Everything is read, verified and checked against the live objects first;
-    only then is anything changed, so a mismatch leaves all objects as they were.
-    """
-    ckpt = read_checkpoint(path)
+    It holds the open checkpoint (one descriptor per file, no bytes) and the
+    small decoded values (accumulation state, hyper-parameters, scheduler and
+    scaler state, item count). `apply` installs it, all or nothing, reading
+    one tensor file at a time through a read-only memory map and copying it
+    into the live tensors; `undo` puts back what `apply_reversible`
+    replaced (the distributed loader applies the reversible parts on every
+    rank, agrees, and only then copies the model). `close` releases the
+    files (`apply` does it when done)."""
+
+    def __init__(
+        self,
+        acc: Accumulator,
+        ckpt: Checkpoint,
+        *,
+        state: AccumulationState,
+        saved_config: AccumulationConfig,
+        grad_role: str | None,
+        items: torch.Tensor | None,
+        has_model: bool,
+        optim_meta: Any,
+        sched_state: dict[str, Any] | None,
+        scaler_state: dict[str, Any] | None,
+        where: str,
+    ) -> None:
+        self.acc = acc
+        self.ckpt = ckpt
+        self.state = state
+        self.saved_config = saved_config
+        self.grad_role = grad_role
+        self.items = items
+        self.has_model = has_model
+        self.optim_meta = optim_meta
+        self.sched_state = sched_state
+        self.scaler_state = scaler_state
+        self.where = where
+        self._undo: list[Callable[[], None]] = []
+
+    def close(self) -> None:
+        """Release the checkpoint's files."""
+        self.ckpt.close()
+
+    def apply(self) -> None:
+        """Install the plan, all or nothing: `apply_reversible`, then
+        `apply_model`; the files are closed afterwards."""
+        try:
+            self.apply_reversible()
+            self.apply_model()
+        finally:
+            self.close()
+
+    def apply_reversible(self) -> None:
+        """Install everything but the model's tensors: optimizer, scheduler
+        (then one trial step of it, undone, whose learning rates must be
+        finite numbers >= 0), scaler, and the accumulation state with its
+        in-flight gradients and item count. Each part's previous state is
+        recorded, by reference (no copy), before it is replaced; if any step
+        raises, every part is put back and a `CheckpointError` (or the
+        `GradAccumError` raised) propagates. `undo` puts them back later."""
+        acc = self.acc
+        self._undo = []
+        try:
+            if self.optim_meta is not None:
+                before_optim = acc.optimizer.state_dict()
+                self._undo.append(lambda: acc.optimizer.load_state_dict(before_optim))
+                with self._views("optimizer") as views:
+                    optim_state = _owned(_optimizer_plan(acc, views, self.optim_meta))
+                    del views
+                acc.optimizer.load_state_dict(optim_state)
+                del optim_state
+            scheduler = acc.scheduler
+            if self.sched_state is not None and scheduler is not None:
+                before_sched = copy.deepcopy(scheduler.state_dict())
+                groups = _hyper(acc.optimizer)
+                self._undo.append(lambda: _set_hyper(acc.optimizer, groups))
+                self._undo.append(lambda: scheduler.load_state_dict(before_sched))
+                scheduler.load_state_dict(copy.deepcopy(self.sched_state))
+                _probe_scheduler(scheduler, acc.optimizer, self.where)
+            scaler = acc.scaler
+            if self.scaler_state is not None and scaler is not None:
+                before_scaler = copy.deepcopy(scaler.state_dict())
+                self._undo.append(lambda: scaler.load_state_dict(before_scaler))
+                scaler.load_state_dict(dict(self.scaler_state))
+            before_acc = acc.machine.state_dict()
+            before_grads = dict(acc.gradients.export())
+            before_items = acc.inflight_items()
+            before_config = acc.config
+            self._undo.append(
+                lambda: acc.restore(
+                    AccumulationState.from_state_dict(before_acc),
+                    before_config,
+                    before_grads,
+                    before_items,
+                )
+            )
+            if self.grad_role is None:
+                acc.restore(self.state, self.saved_config, {}, self.items)
+            else:
+                with self._views(self.grad_role) as gradients:
+                    # restore() installs copies of the read-only views
+                    acc.restore(self.state, self.saved_config, gradients, self.items)
+                    del gradients
+        except Exception as exc:
+            self.undo()
+            if isinstance(exc, GradAccumError):
+                raise
+            raise CheckpointError(
+                f"{self.where}: applying it failed ({type(exc).__name__}: {_clip(str(exc))}); "
+                f"the model, optimizer, scheduler, scaler and accumulation state are as they "
+                f"were — check that the objects match the ones it was saved from"
+            ) from exc
+        except BaseException:
+            self.undo()
+            raise
+
+    def apply_model(self) -> None:
+        """Copy the model's tensors in place (``load_state_dict``) straight
+        from the file's read-only mapping: last, after `apply_reversible`,
+        since its previous values are not kept (that would double the model's
+        memory). Names, shapes and dtypes were checked by `prepare_load`, so
+        only a device fault or a failing hook of the model can stop it; then
+        everything else is put back (`undo`) and a `CheckpointError` says the
+        model may be partly loaded."""
+        if not self.has_model:
+            return
+        acc = self.acc
+        try:
+            with self._views("model") as stored:
+                model_state = _model_plan(acc, stored, self.ckpt.metadata)
+                del stored
+                acc.model.load_state_dict(model_state)
+                del model_state
+        except Exception as exc:
+            self.undo()
+            raise CheckpointError(
+                f"{self.where}: copying the model's tensors failed ({type(exc).__name__}: "
+                f"{_clip(str(exc))}); the optimizer, scheduler, scaler and accumulation state "
+                f"were put back but the model may be partly loaded — load a checkpoint again"
+            ) from exc
+
+    def undo(self) -> None:
+        """Put back, newest first, what `apply_reversible` had installed (not the model)."""
+        while self._undo:
+            step = self._undo.pop()
+            with contextlib.suppress(Exception):
+                step()
+
+    @contextlib.contextmanager
+    def _views(self, role: str) -> Iterator[dict[str, torch.Tensor]]:
+        """Read-only tensors over ``role``'s mapped file (verified when the plan
+        was prepared); unmapped when the block ends and its views are gone."""
+        with self.ckpt.open_file(role, verify=False) as tf:
+            yield tensor_views(tf)
+
+
+def load_checkpoint(acc: Accumulator, path: str | os.PathLike[str], *, rank: int = 0) -> None:
+    """Restore ``acc`` (and its model, optimizer, scheduler, scaler) from ``path``,
+    all or nothing (ACC-E, CKPT-17).
+
+    Everything is verified and checked against the live objects first
+    (`prepare_load`); only then is anything changed (`LoadPlan.apply`), one
+    file at a time, and a failure while applying puts the previous state back.
+    Every error is a `CheckpointError` (or another `GradAccumError`)."""
+    prepare_load(acc, path, rank=rank).apply()
+
+
+def prepare_load(acc: Accumulator, path: str | os.PathLike[str], *, rank: int = 0) -> LoadPlan:
+    """Open ``path`` and check everything this rank will restore against
+    ``acc``'s live objects, without changing anything.
+
+    Each file this rank reads (model, optimizer, its own in-flight gradients
+    and item count) is hashed against the manifest (CKPT-7) through a
+    read-only memory map, one file at a time, and its names, shapes, dtypes,
+    value kinds and ranges checked — with the accumulation state, config,
+    scheduler and scaler state — then unmapped: memory holds at most one
+    file's pages. Any problem raises a `GradAccumError` (a `CheckpointError`
+    for anything the checkpoint holds); the returned plan holds the open
+    files until it is applied or closed."""
+    where = f"checkpoint at {_shown(path)!r}"
+    try:
+        ckpt = open_checkpoint(path, verify=False)
+    except GradAccumError:
+        raise
+    except Exception as exc:
+        raise CheckpointCorruptError(
+            f"{where}: it cannot be opened ({type(exc).__name__}: {_clip(str(exc))}); nothing "
+            f"was changed — check the path, or restore it from a copy"
+        ) from exc
+    try:
+        return _prepare(acc, ckpt, rank, where)
+    except BaseException as exc:
+        ckpt.close()
+        if isinstance(exc, GradAccumError) or not isinstance(exc, Exception):
+            raise
+        raise CheckpointCorruptError(
+            f"{where}: it cannot be decoded for this accumulator ({type(exc).__name__}: "
+            f"{_clip(str(exc))}); nothing was changed — restore it from a copy or take a new "
+            f"checkpoint"
+        ) from exc
+
+
+def _shown(path: Any) -> str:
+    try:
+        return str(os.fspath(path))
+    except TypeError:
+        return repr(path)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _prepare(acc: Accumulator, ckpt: Checkpoint, rank: int, where: str) -> LoadPlan:
     state = AccumulationState.from_state_dict(ckpt.state)
     saved_config = AccumulationConfig.from_dict(ckpt.config)
     world = acc.distributed.world_size
     mid_window = state.position > 0
     if mid_window and ckpt.world_size != world:
         raise CheckpointMismatchError(
-            f"checkpoint {os.fspath(path)!r} was taken mid-window on {ckpt.world_size} rank(s); "
+            f"{where} was taken mid-window on {ckpt.world_size} rank(s); "
             f"it can resume only on {ckpt.world_size} rank(s), not {world}. Checkpoints taken "
             f"at a window boundary move between world sizes"
         )
     if mid_window and saved_config.normalization != acc.config.normalization:
         raise CheckpointMismatchError(
-            f"checkpoint {os.fspath(path)!r} was taken mid-window under normalization="
+            f"{where} was taken mid-window under normalization="
             f"{saved_config.normalization!r}; this accumulator uses "
             f"{acc.config.normalization!r}: resume with the same normalization"
         )
+    acc.config.schedule.check_state(state.schedule_state)
+    metadata = ckpt.metadata
+    if not isinstance(metadata, Mapping):
+        raise CheckpointCorruptError(f"{where}: its metadata is not an object; {_FIX}")
     role = gradient_role(rank, ckpt.world_size)
-    gradients = tensors_from_bytes(ckpt.file_bytes(role)) if role in ckpt.roles else {}
-    acc.gradients.check(gradients)
+    grad_role = role if role in ckpt.roles else None
+    if grad_role is not None:
+        with _verified_views(ckpt, grad_role) as gradients:
+            _check_gradients(acc, gradients, where)
+            del gradients
     items_file = items_role(rank, ckpt.world_size)
-    items = (
-        _items_tensor(tensors_from_bytes(ckpt.file_bytes(items_file)), items_file)
-        if items_file in ckpt.roles
-        else None
-    )
-    prefix = acc.framework.name_prefix
-    model_state = None
-    if "model" in ckpt.roles:
-        stored = tensors_from_bytes(ckpt.file_bytes("model"))
-        aliases = (ckpt.metadata.get("model") or {}).get("aliases") or {}
-        model_state = _check_model(acc.model, _with_aliases(stored, aliases), prefix)
-    optim_state = None
+    items = None
+    if items_file in ckpt.roles:
+        with _verified_views(ckpt, items_file) as counts:
+            items = _items_tensor(counts, items_file).clone()
+            del counts
+    has_model = "model" in ckpt.roles
+    if has_model:
+        with _verified_views(ckpt, "model") as stored:
+            _model_plan(acc, stored, metadata)
+            del stored
+    optim_meta = None
     if "optimizer" in ckpt.roles:
-        optim_state = load_optimizer_state(
-            acc.optimizer,
-            tensors_from_bytes(ckpt.file_bytes("optimizer")),
-            ckpt.metadata["optimizer"],
-            _names_by_id(acc),
+        if "optimizer" not in metadata:
+            raise CheckpointCorruptError(
+                f"{where}: it has an optimizer file but no optimizer metadata; {_FIX}"
+            )
+        optim_meta = metadata["optimizer"]
+        with _verified_views(ckpt, "optimizer") as views:
+            _optimizer_plan(acc, views, optim_meta)
+            del views
+    sched_state = None
+    if "scheduler" in metadata and acc.scheduler is not None:
+        sched_state = _check_scheduler_meta(acc.scheduler, metadata["scheduler"], where)
+    scaler_state = None
+    if "scaler" in metadata and acc.scaler is not None:
+        scaler_state = _check_scaler_meta(acc.scaler, metadata["scaler"], where)
+    return LoadPlan(
+        acc,
+        ckpt,
+        state=state,
+        saved_config=saved_config,
+        grad_role=grad_role,
+        items=items,
+        has_model=has_model,
+        optim_meta=optim_meta,
+        sched_state=sched_state,
+        scaler_state=scaler_state,
+        where=where,
+    )
+
+
+@contextlib.contextmanager
+def _verified_views(ckpt: Checkpoint, role: str) -> Iterator[dict[str, torch.Tensor]]:
+    """``role``'s tensors as read-only views of its mapped file, every byte
+    verified against the manifest first (CKPT-7): the file's SHA-256, one
+    pass (the header was checked against the manifest's tensor index when the
+    file was opened; the per-tensor digests cover a subset of the same bytes)."""
+    entry = ckpt.manifest.files[role]
+    with ckpt.open_file(role, verify=False) as tf:
+        digest = hashlib.sha256(tf.buffer).hexdigest()
+        if digest != entry.sha256:
+            raise CheckpointChecksumError(
+                f"checkpoint at '{ckpt.path}': file {entry.path!r} has SHA-256 {digest[:16]}… "
+                f"but the manifest records {entry.sha256[:16]}…; the file is corrupt — restore "
+                f"it from a copy or take a new checkpoint"
+            )
+        yield tensor_views(tf)
+
+
+def _check_gradients(acc: Accumulator, gradients: Mapping[str, torch.Tensor], where: str) -> None:
+    acc.gradients.check(gradients)
+    for name, tensor in gradients.items():
+        if not tensor.is_floating_point():
+            raise CheckpointCorruptError(
+                f"{where}: in-flight gradient {name!r} has dtype {tensor.dtype}; gradients are "
+                f"floating point; {_FIX}"
+            )
+
+
+def _model_plan(
+    acc: Accumulator, stored: dict[str, torch.Tensor], metadata: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    model_meta = metadata.get("model") or {}
+    if not isinstance(model_meta, Mapping):
+        raise CheckpointCorruptError(f"the checkpoint's model metadata is not an object; {_FIX}")
+    aliases = model_meta.get("aliases") or {}
+    return _check_model(acc.model, _with_aliases(stored, aliases), acc.framework.name_prefix)
+
+
+def _owned(optim_state: dict[str, Any]) -> dict[str, Any]:
+    """``optim_state`` with every tensor cloned out of the read-only file
+    mapping (no reference to the mapping survives, so it is unmapped as soon
+    as its views are dropped)."""
+    for per_param in optim_state["state"].values():
+        for key in list(per_param):
+            if isinstance(per_param[key], torch.Tensor):
+                per_param[key] = per_param[key].clone()
+    return optim_state
+
+
+def _optimizer_plan(
+    acc: Accumulator, tensors: Mapping[str, torch.Tensor], meta: Any
+) -> dict[str, Any]:
+    return load_optimizer_state(acc.optimizer, tensors, meta, _names_by_id(acc))
+
+
+_FIX = "the checkpoint is corrupt or was edited — restore it from a copy or take a new checkpoint"
+
+
+def _check_scheduler_meta(scheduler: Any, meta: Any, where: str) -> dict[str, Any]:
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("state"), Mapping):
+        raise CheckpointCorruptError(
+            f"{where}: its scheduler metadata must be an object with 'class' and 'state', got "
+            f"{_clip(repr(meta))}; {_FIX}"
         )
-    sched_meta = ckpt.metadata.get("scheduler")
-    if (
-        sched_meta is not None
-        and acc.scheduler is not None
-        and sched_meta["class"] != type(acc.scheduler).__name__
-    ):
+    if meta.get("class") != type(scheduler).__name__:
         raise CheckpointMismatchError(
-            f"the checkpoint's scheduler is {sched_meta['class']!r} but the accumulator's "
-            f"is {type(acc.scheduler).__name__!r}; build the same scheduler to resume"
+            f"the checkpoint's scheduler is {_clip(repr(meta.get('class')))} but the "
+            f"accumulator's is {type(scheduler).__name__!r}; build the same scheduler to resume"
         )
-    # Everything is verified: apply.
-    if model_state is not None:
-        acc.model.load_state_dict(model_state)
-    if optim_state is not None:
-        acc.optimizer.load_state_dict(optim_state)
-    if sched_meta is not None and acc.scheduler is not None:
-        acc.scheduler.load_state_dict(from_json(dict(sched_meta["state"])))
-    scaler_meta = ckpt.metadata.get("scaler")
-    if scaler_meta is not None and acc.scaler is not None:
-        acc.scaler.load_state_dict(from_json(dict(scaler_meta["state"])))
-    acc.restore(state, saved_config, gradients, items)
+    live = scheduler.state_dict()
+    saved = check_like(from_json(dict(meta["state"])), live, "scheduler state", partial=True)
+    check_ranges(saved, SCHEDULER_RANGES, "scheduler state", SCHEDULER_INTS)
+    out: dict[str, Any] = saved
+    return out
+
+
+def _check_scaler_meta(scaler: Any, meta: Any, where: str) -> dict[str, Any] | None:
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("state"), Mapping):
+        raise CheckpointCorruptError(
+            f"{where}: its scaler metadata must be an object with 'state', got "
+            f"{_clip(repr(meta))}; {_FIX}"
+        )
+    live = scaler.state_dict()
+    if not live:
+        return None  # a disabled scaler keeps no state
+    saved = from_json(dict(meta["state"]))
+    if not saved:
+        raise CheckpointMismatchError(
+            f"{where}: its scaler state is empty (saved from a disabled GradScaler) but this "
+            f"scaler is enabled; build the scaler as it was saved"
+        )
+    checked = check_like(saved, live, "scaler state")
+    check_ranges(
+        checked, SCALER_RANGES, "scaler state", frozenset({"growth_interval", "_growth_tracker"})
+    )
+    out: dict[str, Any] = checked
+    return out
+
+
+def _hyper(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The optimizer's hyper-parameters (every group without its params)."""
+    return [
+        {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+        for group in optimizer.param_groups
+    ]
+
+
+def _set_hyper(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    for group, saved in zip(optimizer.param_groups, groups, strict=True):
+        group.update(saved)
+
+
+def _probe_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, where: str) -> None:
+    """One trial ``scheduler.step()`` on the installed state, undone: the
+    learning rates it sets must be finite numbers >= 0."""
+    state = copy.deepcopy(scheduler.state_dict())
+    groups = _hyper(optimizer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler.step()
+        lrs = [group["lr"] for group in optimizer.param_groups]
+    finally:
+        scheduler.load_state_dict(state)
+        _set_hyper(optimizer, groups)
+    for lr in lrs:
+        value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value >= 0)
+        ):
+            raise CheckpointCorruptError(
+                f"{where}: its scheduler state gives the learning rate {_clip(repr(lr))} at the "
+                f"next step; {_FIX}"
+            )
 
 
 def _items_tensor(tensors: Mapping[str, torch.Tensor], role: str) -> torch.Tensor:
+    """The item count of ``role``: one 0-d floating tensor, NaN (a bad count,
+    refused at the resumed boundary) or a finite number >= 0."""
     count = tensors.get("items")
-    if set(tensors) != {"items"} or count is None or count.dim() != 0:
+    if (
+        set(tensors) != {"items"}
+        or count is None
+        or count.dim() != 0
+        or not count.is_floating_point()
+    ):
         raise CheckpointCorruptError(
-            f"the {role!r} file must hold one 0-d tensor named 'items', got "
-            f"{ {k: tuple(v.shape) for k, v in tensors.items()} }"
+            f"the {role!r} file must hold one 0-d floating tensor named 'items', got "
+            f"{ {k: (tuple(v.shape), str(v.dtype)) for k, v in list(tensors.items())[:5]} }; "
+            f"{_FIX}"
+        )
+    value = float(count.item())
+    if not math.isnan(value) and not (math.isfinite(value) and value >= 0):
+        raise CheckpointCorruptError(
+            f"the {role!r} file holds the item count {value}; it must be >= 0 and finite; {_FIX}"
         )
     return count
 
@@ -215,7 +621,7 @@ def _with_aliases(
         raise CheckpointCorruptError(f"model aliases must be an object, got {aliases!r}")
     out = dict(tensors)
     for alias, name in aliases.items():
-        if not isinstance(name, str) or name not in tensors or alias in tensors:
+        if not isinstance(name, str) or name not in tensors or alias in out:
             raise CheckpointCorruptError(
                 f"model alias {alias!r} -> {name!r} does not name a stored tensor"
             )
@@ -245,5 +651,19 @@ def _check_model(
                 f"model tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but "
                 f"{tuple(live[key].shape)} in the model"
             )
+        if _dtype_kind(live[key].dtype) != _dtype_kind(tensor.dtype):
+            raise CheckpointMismatchError(
+                f"model tensor {name!r} has dtype {tensor.dtype} in the checkpoint but "
+                f"{live[key].dtype} in the model; load it into the model it was saved from"
+            )
         out[key] = tensor
     return out
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """bool, complex, floating or integer: precisions within a kind convert on load."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"

@@ -1,0 +1,146 @@
+"""Rank programs for test_checkpoint_shards.py (run by gradaccum_ddp.testing.launch).
+
+Each program writes ``<out>/<name>.rank<r>.json``; tensors never cross a pickle."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ddp_workers import error_info, loss_fn, make_model, microbatch, write_json
+from torch.nn.parallel import DistributedDataParallel
+
+from gradaccum_ddp import DDPAccumulator
+from gradaccum_ddp.checkpoint import save_distributed
+
+STEPS = 3
+
+
+def _build(seed: int) -> tuple[DistributedDataParallel, DDPAccumulator]:
+    ddp = DistributedDataParallel(make_model(seed))
+    opt = torch.optim.AdamW(ddp.parameters(), lr=0.01, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    acc = DDPAccumulator(ddp, opt, steps=STEPS, scheduler=sched, normalization="items")
+    return ddp, acc
+
+
+def _train(ddp: DistributedDataParallel, acc: DDPAccumulator, n: int, seed: int) -> None:
+    rank = dist.get_rank()
+    for j in range(n):
+        size = 2 + (j + rank) % 3
+        x, y = microbatch(seed, rank, j, size)
+        items: Any = torch.tensor(size) if j % 2 else size
+        with acc.microbatch(items):
+            acc.backward(loss_fn(ddp(x), y, "items"))
+
+
+def _snapshot(ddp: DistributedDataParallel, acc: DDPAccumulator) -> dict[str, Any]:
+    items = acc.inflight_items()
+    return {
+        "model": {k: v.detach().clone() for k, v in ddp.state_dict().items()},
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in ddp.parameters()],
+        "optimizer": copy.deepcopy(acc.optimizer.state_dict()),
+        "groups": [
+            {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            for g in acc.optimizer.param_groups
+        ],
+        "scheduler": copy.deepcopy(acc.scheduler.state_dict()) if acc.scheduler else None,
+        "machine": acc.machine.state_dict(),
+        "stats": acc.stats.as_dict(),
+        "exported": {k: v.detach().clone() for k, v in acc.gradients.export().items()},
+        "items": None if items is None else items.detach().clone(),
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return type(a) is type(b) and bool(a == b)
+
+
+def refuse_program(rank: int, world_size: int, out_dir: str, case: str) -> None:
+    """Save a mid-window checkpoint (7 microbatches: 2 steps, position 1), copy it
+    to ``copy<r>`` for every rank, spoil rank 1's copy (``case``), then load
+    ``copy<r>`` on every rank into objects in another state: record what each
+    rank raised and whether everything stayed bitwise the same."""
+    out = Path(out_dir)
+    ddp, acc = _build(0)
+    _train(ddp, acc, 7, seed=1)
+    acc.save(out / "mid")
+    if rank == 0:
+        for r in range(world_size):
+            shutil.copytree(out / "mid", out / f"copy{r}")
+        if case == "checksum":
+            spoilt = out / "copy1" / "gradients.rank1.safetensors"
+            data = bytearray(spoilt.read_bytes())
+            data[-3] ^= 0x10
+            spoilt.write_bytes(bytes(data))
+    dist.barrier()
+    ddp2, acc2 = _build(5)
+    _train(ddp2, acc2, 4, seed=9)
+    if case == "apply" and rank == 1:
+        acc2.optimizer.register_load_state_dict_post_hook(_fail_once())
+    before = _snapshot(ddp2, acc2)
+    result: dict[str, Any] = {"raised": None}
+    try:
+        acc2.load(out / f"copy{rank}")
+    except Exception as exc:
+        result["raised"] = error_info(exc)
+        result["gradaccum"] = type(exc).__module__.startswith("gradaccum")
+    result["unchanged"] = _same(before, _snapshot(ddp2, acc2))
+    # the same objects then load the good checkpoint and resume on both ranks
+    acc2.load(out / "mid")
+    result["resumed_position"] = acc2.stats.position
+    _train(ddp2, acc2, 2, seed=3)
+    result["steps_after"] = acc2.stats.optimizer_steps
+    write_json(out / f"{case}.rank{rank}.json", result)
+
+
+def _fail_once() -> Any:
+    calls: list[int] = []
+
+    def hook(optimizer: torch.optim.Optimizer) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("optimizer hook failed on purpose")
+
+    return hook
+
+
+def modes_program(rank: int, world_size: int, out_dir: str) -> None:
+    """Save the same mid-window state three ways — each rank writing its own
+    file (shared=True), auto-detected (None), and every file through rank 0
+    one rank at a time (False) — then load each into fresh objects and
+    record the resumed parameters after one more window."""
+    out = Path(out_dir)
+    result: dict[str, Any] = {}
+    for mode, shared in (("shared", True), ("auto", None), ("gather", False)):
+        ddp, acc = _build(0)
+        _train(ddp, acc, 7, seed=1)
+        save_distributed(acc, out / mode, shared=shared)
+        ddp2, acc2 = _build(4)
+        acc2.load(out / mode)
+        _train(ddp2, acc2, 2, seed=3)
+        result[mode] = {
+            "position": acc2.stats.position,
+            "params": [p.detach().reshape(-1).tolist() for p in ddp2.parameters()],
+        }
+    write_json(out / f"modes.rank{rank}.json", result)

@@ -1,0 +1,63 @@
+"""Checkpoints on 2 real gloo ranks (issue 8): a load is all or nothing across
+ranks — every rank checks, the ranks agree, only then does any rank apply
+(ACC-E, CKPT-17) — and the per-rank (shared directory) and through-rank-0
+ways of writing produce the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ckpt_shard_workers as W
+import pytest
+
+from gradaccum.checkpoint import read_checkpoint
+from gradaccum_ddp.testing import launch
+
+
+def _results(out: Path, name: str) -> list[dict[str, Any]]:
+    return [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", ["checksum", "apply"])
+def test_one_rank_refusing_changes_no_rank(tmp_path: Path, case: str) -> None:
+    """ACC-E, CKPT-24 on 2 ranks: only rank 1's file is bad ("checksum": a flipped byte in
+    gradients.rank1) or only rank 1 fails while applying ("apply": its optimizer's
+    load_state_dict post-hook raises once). Every rank raises a GradAccumError —
+    rank 1 its own, rank 0 a DistributedError naming rank 1 — and on both ranks
+    the model, optimizer, scheduler and accumulator (state, stats, in-flight
+    gradients, item count) are bitwise unchanged; the good checkpoint then loads."""
+    result = launch(W.refuse_program, 2, str(tmp_path), case, timeout=180)
+    assert result.ok, f"the ranks failed: {result}"
+    rank0, rank1 = _results(tmp_path, case)
+    expected = "CheckpointChecksumError" if case == "checksum" else "CheckpointError"
+    assert rank1["raised"]["type"] == expected, rank1["raised"]
+    assert rank0["raised"]["type"] == "DistributedError", rank0["raised"]
+    assert "rank(s) [1]" in rank0["raised"]["message"]
+    for r in (rank0, rank1):
+        assert r["gradaccum"] is True
+        assert r["unchanged"] is True
+        assert r["resumed_position"] == 1  # 7 microbatches, steps=3
+        assert r["steps_after"] == 3
+
+
+def test_per_rank_and_through_rank_zero_writes_agree(tmp_path: Path) -> None:
+    """CKPT-12 at scale: shared=True (each rank writes its own gradients.rank<r>),
+    auto-detection, and shared=False (rank 0 receives rank 1's files, one rank at
+    a time) write the same tensor files, byte for byte, and resume to the same
+    parameters."""
+    result = launch(W.modes_program, 2, str(tmp_path), timeout=180)
+    assert result.ok, f"the ranks failed: {result}"
+    ckpts = {mode: read_checkpoint(tmp_path / mode) for mode in ("shared", "auto", "gather")}
+    roles = ckpts["shared"].roles
+    assert {"gradients.rank0", "gradients.rank1", "items.rank0", "items.rank1"} <= set(roles)
+    for mode in ("auto", "gather"):
+        assert ckpts[mode].roles == roles
+        for role in roles:
+            assert ckpts[mode].file_bytes(role) == ckpts["shared"].file_bytes(role), (mode, role)
+        assert ckpts[mode].manifest.files == ckpts["shared"].manifest.files
+    for rank_result in _results(tmp_path, "modes"):
+        assert rank_result["shared"]["position"] == 0  # 7 + 2 microbatches: a boundary
+        assert rank_result["auto"] == rank_result["shared"]
+        assert rank_result["gather"] == rank_result["shared"]
