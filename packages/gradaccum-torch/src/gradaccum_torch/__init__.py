@@ -20,6 +20,7 @@ from gradaccum import (
 )
 from gradaccum_torch._version import PRODUCER, __version__
 from gradaccum_torch.accumulator import Accumulator
+from gradaccum_torch.adaptive import AdaptiveOutOfMemoryError, OOMEvent, is_out_of_memory
 from gradaccum_torch.boundary import BackwardResult
 from gradaccum_torch.contract import (
     Distributed,
@@ -28,13 +29,16 @@ from gradaccum_torch.contract import (
     SingleProcess,
     TorchFramework,
 )
+from gradaccum_torch.memory import MemoryMonitor, Recommendations
 from gradaccum_torch.naming import canonical_name, named_parameters
+from gradaccum_torch.performance import PerformanceTracker
 
 __all__ = [
     "PRODUCER",
     "AccumulationConfig",
     "Accumulator",
     "AdaptiveMicrobatch",
+    "AdaptiveOutOfMemoryError",
     "BackwardResult",
     "ByEpoch",
     "ByStep",
@@ -44,10 +48,15 @@ __all__ = [
     "Fixed",
     "Framework",
     "GradientWeights",
+    "MemoryMonitor",
+    "OOMEvent",
+    "PerformanceTracker",
+    "Recommendations",
     "SingleProcess",
     "TargetBatch",
     "TorchFramework",
     "__version__",
     "canonical_name",
+    "is_out_of_memory",
     "named_parameters",
 ]

@@ -50,6 +50,7 @@ from gradaccum.state import AccumulationState, Phase, Topology
 from gradaccum.stats import AccumulationListener, AccumulationStats
 from gradaccum_torch import grads as G
 from gradaccum_torch._version import PRODUCER, __version__
+from gradaccum_torch.adaptive import AdaptiveRunner, Batch
 from gradaccum_torch.boundary import (
     NOT_A_BOUNDARY,
     BackwardResult,
@@ -268,6 +269,8 @@ class Accumulator:
         )
         self._track_grad_norm = track_grad_norm
         self._open: _Microbatch | None = None
+        self._after_backward: Callable[[], None] | None = None  # adaptive ranks' agreement
+        self._adaptive: AdaptiveRunner | None = None
         self._next_last = False
         self._next_remaining: int | None = None
         if distributed.world_size > 1:
@@ -497,6 +500,8 @@ class Accumulator:
         mb.stage = _BACKWARD
         multiplier = decision.loss_multiplier
         self._framework.backward(loss if multiplier == 1.0 else loss * multiplier)
+        if self._after_backward is not None:
+            self._after_backward()
         dropped = False
         if decision.isolate:
             dropped = self._check_isolated(mb)
@@ -519,6 +524,41 @@ class Accumulator:
             before_step=self._before_step,
             track_grad_norm=self._track_grad_norm,
         )
+
+    @property
+    def adaptive(self) -> AdaptiveRunner:
+        """The adaptive-microbatching loop behind `run`: its current size
+        (``micro_batch``), clean-window count and recovered OOMs (``events``)."""
+        if self._adaptive is None:
+            self._adaptive = AdaptiveRunner(self)
+        return self._adaptive
+
+    def run(
+        self,
+        batch: Batch,
+        loss_fn: Callable[[Any], torch.Tensor],
+        *,
+        items: Callable[[Any], int | torch.Tensor] | None = None,
+    ) -> BackwardResult:
+        """Run one whole window on ``batch`` and let gradaccum choose the
+        microbatch size (``schedule=AdaptiveMicrobatch(...)``,
+        ``normalization="items"``; see `gradaccum_torch.adaptive`).
+
+        Args:
+            batch: ``target`` rows: a tensor, tuple/list or dict of tensors,
+                sliced along dim 0.
+            loss_fn: ``loss_fn(slice)`` returns the *summed* loss of the slice.
+            items: ``items(slice)`` returns its item count (an int or a 0-d
+                device tensor, e.g. a token count); ``None`` counts rows.
+
+        Out-of-memory errors are recovered from (the microbatch cancelled, the
+        size halved, grown back after ``grow_after`` clean windows); the
+        update equals one large-batch step on ``batch`` (ACC-K5). Returns the
+        window's `BackwardResult`. Raises `UsageError` inside an open window
+        or for a batch of another length, `ConfigError` under another
+        schedule, `AdaptiveOutOfMemoryError` when ``min_micro_batch`` rows do
+        not fit."""
+        return self.adaptive.run(batch, loss_fn, items=items)
 
     def accumulate(
         self, loss: torch.Tensor, *, items: int | torch.Tensor | None = None, last: bool = False

@@ -65,6 +65,7 @@ class AccumulationMachine:
     __slots__ = (
         "_before",
         "_config",
+        "_defer_sync",
         "_grad_norm",
         "_listeners",
         "_microbatch_listeners",
@@ -116,6 +117,7 @@ class AccumulationMachine:
         self._microbatch_listeners = [x for x in listeners if _wants_microbatch_events(x)]
         self._grad_norm: SupportsFloat | None = None
         self._unsent: tuple[CommitDecision, bool] | None = None
+        self._defer_sync = False
 
     @property
     def config(self) -> AccumulationConfig:
@@ -158,6 +160,28 @@ class AccumulationMachine:
         the adapter made): until `end_pass`, boundaries need not compare the
         ranks (``WindowDecision.check_ranks`` is false)."""
         self._ranks_in_step = True
+
+    @property
+    def listeners(self) -> tuple[AccumulationListener, ...]:
+        """The registered listeners, in order."""
+        return tuple(self._listeners)
+
+    @property
+    def defers_sync(self) -> bool:
+        """True while `defer_sync` is on."""
+        return self._defer_sync
+
+    def defer_sync(self, on: bool) -> None:
+        """On several ranks, run every microbatch without gradient
+        communication and let the boundary reduce the window's gradient once
+        (``WindowDecision.needs_manual_sync``), as when the gradient
+        accumulates outside ``param.grad``. Adaptive microbatching turns it on
+        for its windows: ranks agree that a microbatch succeeded *before* any
+        gradient collective, so a rank that ran out of memory never leaves
+        the others waiting inside a backward's all-reduce. Between windows only."""
+        if self._open is not None or self._state.position > 0:
+            raise UsageError("defer_sync() is called between windows, not inside one")
+        self._defer_sync = bool(on)
 
     def add_listener(self, listener: AccumulationListener) -> None:
         """Register a listener for microbatch, step, skip and epoch events."""
@@ -217,6 +241,8 @@ class AccumulationMachine:
             remaining_in_pass=remaining_in_pass,
             topology=self._topology,
         )
+        if self._defer_sync and decision.sync_gradients and self._topology.world_size > 1:
+            decision = replace(decision, sync_gradients=False)
         self._before = before
         self._open = decision
         self._open_items = count
@@ -337,14 +363,21 @@ class AccumulationMachine:
             )
         self._state = abandon_window(self._state)
 
-    def report_oom(self) -> int:
+    def report_oom(self, *, keep_window: bool = False, rows_done: int = 0) -> int:
         """Record an out-of-memory error under `AdaptiveMicrobatch`
         and return the new (halved) microbatch size.
 
-        Call it between microbatches (cancel the failed one first). A window
-        in progress is abandoned (counted in ``dropped_windows``): the adapter
-        zeroes its gradient and replays the window's data in microbatches of
-        the new size, so every window still holds ``target`` items.
+        Call it between microbatches (cancel the failed one first). By
+        default a window in progress is abandoned (counted in
+        ``dropped_windows``): the adapter zeroes its gradient and replays the
+        window's data in microbatches of the new size, so every window still
+        holds ``target`` items.
+
+        With ``keep_window=True`` the window goes on: its ``rows_done`` rows
+        (the microbatches that completed) stay, and it is re-planned to hold
+        ``ceil((target - rows_done) / new size)`` more microbatches; the
+        window, when it closes, does not count as clean (`AdaptiveMicrobatch.after_window`).
+        Raises `ConfigError` at ``min_micro_batch`` (nothing changed).
         """
         schedule = self._config.schedule
         if not isinstance(schedule, AdaptiveMicrobatch):
@@ -356,9 +389,30 @@ class AccumulationMachine:
             raise UsageError(
                 "report_oom() is called between microbatches: cancel() the failed microbatch first"
             )
-        new_schedule_state = schedule.after_oom(self._state.schedule_state)
-        self._state = replace(abandon_window(self._state), schedule_state=new_schedule_state)
-        return schedule.current(new_schedule_state)
+        if not keep_window:
+            new_schedule_state = schedule.after_oom(self._state.schedule_state)
+            self._state = replace(abandon_window(self._state), schedule_state=new_schedule_state)
+            return schedule.current(new_schedule_state)
+        state = self._state
+        if (
+            isinstance(rows_done, bool)
+            or not isinstance(rows_done, int)
+            or not 0 <= rows_done < schedule.target
+            or (state.position == 0 and rows_done != 0)
+        ):
+            raise UsageError(
+                f"rows_done={rows_done!r} must count the rows of the window's completed "
+                f"microbatches: an int in [0, target={schedule.target}), 0 with no window open"
+            )
+        new_schedule_state = schedule.after_oom_in_window(state.schedule_state)
+        micro = schedule.current(new_schedule_state)
+        changes: dict[str, Any] = {"schedule_state": new_schedule_state}
+        if state.position > 0:
+            left = -(-(schedule.target - rows_done) // micro)
+            changes["window_size"] = state.position + left
+        self._state = replace(state, **changes)
+        self._before = self._state
+        return micro
 
     def state_dict(self) -> dict[str, Any]:
         """JSON state for checkpoints; only between microbatches."""

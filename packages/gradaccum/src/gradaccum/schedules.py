@@ -259,7 +259,14 @@ class AdaptiveMicrobatch(Schedule):
 
     def check_state(self, schedule_state: Mapping[str, Any]) -> None:
         expected = {"micro_batch", "clean_windows", "ooms"}
-        if set(schedule_state) != expected:
+        # "oom_in_window" (optional, True only): the open window already ran out of
+        # memory once, so its close does not count as a clean window.
+        flag = schedule_state.get("oom_in_window", None)
+        if "oom_in_window" in schedule_state and flag is not True:
+            raise ConfigError(
+                f"adaptive schedule state oom_in_window={flag!r} must be true when present"
+            )
+        if set(schedule_state) - {"oom_in_window"} != expected:
             raise ConfigError(
                 f"adaptive schedule state {dict(schedule_state)!r} must have exactly the keys "
                 f"{sorted(expected)}"
@@ -313,9 +320,23 @@ class AdaptiveMicrobatch(Schedule):
             "ooms": int(schedule_state.get("ooms", 0)) + 1,
         }
 
+    def after_oom_in_window(self, schedule_state: Mapping[str, Any]) -> dict[str, Any]:
+        """`after_oom` for an OOM whose window goes on (its earlier
+        microbatches kept): the size halves and the window, once it closes,
+        does not count as clean (``"oom_in_window"``). Raises `ConfigError`
+        at ``min_micro_batch`` like `after_oom`."""
+        return {**self.after_oom(schedule_state), "oom_in_window": True}
+
     def after_window(self, schedule_state: Mapping[str, Any]) -> dict[str, Any]:
-        """The state after a window that closed without running out of memory."""
+        """The state after a window closed: a clean one (no OOM) counts towards
+        ``grow_after``; one that ran out of memory (``"oom_in_window"``) does not."""
         micro = self.current(schedule_state)
+        if schedule_state.get("oom_in_window"):
+            return {
+                "micro_batch": micro,
+                "clean_windows": 0,
+                "ooms": int(schedule_state.get("ooms", 0)),
+            }
         clean = int(schedule_state.get("clean_windows", 0)) + 1
         if clean >= self.grow_after and micro < self.ceiling:
             return {

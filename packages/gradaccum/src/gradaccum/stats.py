@@ -45,6 +45,13 @@ class AccumulationStats:
         """Pre-clip gradient norm of the last closed window (reads the device)."""
         return None if self._grad_norm is None else float(self._grad_norm)
 
+    @property
+    def grad_norm_value(self) -> SupportsFloat | None:
+        """The same norm without reading it: the device tensor (or number) as the
+        boundary left it, for a logger that batches its host reads; ``None``
+        when no norm was computed."""
+        return self._grad_norm
+
     def as_dict(self) -> dict[str, Any]:
         """Plain dict for logging (reads ``last_grad_norm`` from the device)."""
         data = asdict(self)
