@@ -24,9 +24,12 @@ from gradaccum_conformance.compare import (
     deviation,
 )
 from gradaccum_conformance.harness import (
+    CHECKPOINT_IO,
+    CheckpointPlan,
     Harness,
     MicrobatchRecord,
     Outcome,
+    PlannedRun,
     Trajectory,
     TrajectoryRecorder,
     load_harness,
@@ -70,6 +73,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CAPABILITIES",
+    "CHECKPOINT_IO",
     "LR_TOLERANCE",
     "PRECISIONS",
     "PROMISES",
@@ -77,6 +81,7 @@ __all__ = [
     "TOLERANCES",
     "AmpMode",
     "BrokenPromiseError",
+    "CheckpointPlan",
     "Conformance",
     "ConformanceSuite",
     "Harness",
@@ -93,6 +98,7 @@ __all__ = [
     "OptimizerSpec",
     "Outcome",
     "PassLength",
+    "PlannedRun",
     "Precision",
     "Probe",
     "ReferenceRun",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -21,13 +21,17 @@ import torch
 from torch import Tensor, nn
 
 from gradaccum import AccumulationStats
+from gradaccum.errors import GradAccumError
 from gradaccum_conformance.promises import CAPABILITIES
 from gradaccum_conformance.scenario import Scenario
 
 __all__ = [
+    "CHECKPOINT_IO",
+    "CheckpointPlan",
     "Harness",
     "MicrobatchRecord",
     "Outcome",
+    "PlannedRun",
     "Trajectory",
     "TrajectoryRecorder",
     "load_harness",
@@ -37,6 +41,69 @@ __all__ = [
 Outcome: TypeAlias = Literal["stepped", "skipped"]
 """What a closed window did: the optimizer stepped, or the step was skipped
 (AMP overflow, non-finite gradient, empty window)."""
+
+
+CHECKPOINT_IO = "checkpoint_io"
+"""The capability of a harness that implements `Harness.run_plan`: it saves a
+shared-format checkpoint (``spec/checkpoint-v1.md``) at given points of a run
+and starts a run from one, through its adapter's public API. The cross-stack
+matrix (`gradaccum_conformance.crossstack`) runs only harnesses that declare it."""
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Where a run writes shared-format checkpoints, and what it starts from.
+
+    Attributes:
+        save: ``(i, directory)`` pairs: after the backward of global microbatch
+            ``i`` (and after its pass ended, if it is the last of its pass), write
+            a checkpoint of the whole run (accumulation state, every rank's
+            in-flight gradients, model, optimizer, scheduler, scaler) into
+            ``directory`` through the adapter's *shared-format* save, and go on
+            with the same objects: saving never changes the run.
+        resume_from: a shared-format checkpoint directory, written by any stack:
+            build fresh objects from the scenario, load it through the adapter's
+            public API, then run only the microbatches after ``resume_after``.
+        resume_after: the global index of the last microbatch the checkpoint
+            holds (required with ``resume_from``).
+    """
+
+    save: tuple[tuple[int, Path], ...] = ()
+    resume_from: Path | None = None
+    resume_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.resume_from is None) != (self.resume_after is None):
+            raise ValueError(
+                f"CheckpointPlan: resume_from={self.resume_from!r} and "
+                f"resume_after={self.resume_after!r} go together"
+            )
+        if self.resume_after is not None and any(i <= self.resume_after for i, _ in self.save):
+            raise ValueError(
+                f"CheckpointPlan: save points {[i for i, _ in self.save]} must come after "
+                f"resume_after={self.resume_after}"
+            )
+
+    @property
+    def first(self) -> int:
+        """The global index of the run's first microbatch (0, or ``resume_after + 1``)."""
+        return 0 if self.resume_after is None else self.resume_after + 1
+
+    def save_path(self, index: int) -> Path | None:
+        """Where to save after global microbatch ``index`` (``None``: nowhere)."""
+        for i, path in self.save:
+            if i == index:
+                return path
+        return None
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One `Harness.run_plan` call: ``scenario`` run in ``workdir`` under ``plan``."""
+
+    scenario: Scenario
+    workdir: Path
+    plan: CheckpointPlan
 
 
 def snapshot_params(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
@@ -250,6 +317,39 @@ class Harness(abc.ABC):
         * Never modify the scenario's tensors.
         """
 
+    def run_plan(self, scenario: Scenario, workdir: Path, plan: CheckpointPlan) -> Trajectory:
+        """Run ``scenario`` under ``plan`` (capability ``checkpoint_io``); see `CheckpointPlan`.
+
+        As `run`, with three differences: ``scenario.checkpoint_after`` and
+        ``scenario.probes`` are not used; at each of ``plan.save``'s points the
+        harness writes a shared-format checkpoint and goes on with the same
+        objects; with ``plan.resume_from`` it builds fresh objects, loads that
+        checkpoint through the adapter's public API (which may raise a
+        `GradAccumError`, e.g. a `CheckpointMismatchError` for a mid-window
+        checkpoint of another world size, ACC-R5) and runs only the microbatches
+        after ``plan.resume_after``. The trajectory then starts at the loaded
+        parameters and records the windows closed after the resume; its counters
+        and stats are the adapter's final ones (which include the checkpoint's).
+        """
+        raise NotImplementedError(
+            f"harness {self.name!r} does not implement run_plan (capability {CHECKPOINT_IO!r})"
+        )
+
+    def run_plans(self, runs: Sequence[PlannedRun]) -> list[Trajectory | GradAccumError]:
+        """Every `PlannedRun` in order: its trajectory, or the `GradAccumError` it raised.
+
+        The default calls `run_plan` once per run. A harness that launches
+        processes overrides it to run them all in one launch (every run must then
+        have the same ``world_size``).
+        """
+        results: list[Trajectory | GradAccumError] = []
+        for planned in runs:
+            try:
+                results.append(self.run_plan(planned.scenario, planned.workdir, planned.plan))
+            except GradAccumError as exc:
+                results.append(exc)
+        return results
+
 
 def load_harness(spec: str) -> Harness:
     """Load ``"package.module:Name"``: a `Harness` subclass (built
@@ -275,7 +375,7 @@ def load_harness(spec: str) -> Harness:
 def check_harness(harness: Harness) -> None:
     """Raise ``TypeError`` naming the problem if ``harness`` declares an
     unknown capability (a typo would silently skip tests)."""
-    unknown = sorted(set(harness.capabilities) - set(CAPABILITIES))
+    unknown = sorted(set(harness.capabilities) - set(CAPABILITIES) - {CHECKPOINT_IO})
     if unknown:
         raise TypeError(
             f"harness {harness.name!r} declares unknown capabilities {unknown}; "

@@ -55,18 +55,34 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
 
+import gradaccum.errors
 from gradaccum_accelerate.accumulator import Accumulator
 from gradaccum_accelerate.testing import launch_accelerate, one_process, reset_accelerate
-from gradaccum_conformance import Harness, MicrobatchView, Scenario, Trajectory, TrajectoryRecorder
-from gradaccum_ddp.harness_support import WindowReductions, run_iterate_loop, run_on_ranks
+from gradaccum_conformance import (
+    CheckpointPlan,
+    Harness,
+    MicrobatchView,
+    PlannedRun,
+    Scenario,
+    Trajectory,
+    TrajectoryRecorder,
+)
+from gradaccum_ddp.harness_support import (
+    WindowReductions,
+    run_iterate_loop,
+    run_on_ranks,
+    run_plan_loop,
+    run_plans_on_ranks,
+)
 
-__all__ = ["AccelerateHarness", "run_rank"]
+__all__ = ["AccelerateHarness", "run_rank", "run_rank_plan"]
 
 
 class AccelerateHarness(Harness):
@@ -90,6 +106,7 @@ class AccelerateHarness(Harness):
             "distributed",
             "device_items",
             "probes",
+            "checkpoint_io",
         }
     )
     timeout: ClassVar[float] = 180.0
@@ -123,6 +140,39 @@ class AccelerateHarness(Harness):
         return run_on_ranks(
             self, run_rank, scenario, workdir, timeout=self.timeout, launcher=launch_accelerate
         )
+
+    def run_plan(self, scenario: Scenario, workdir: Path, plan: CheckpointPlan) -> Trajectory:
+        """``scenario`` under ``plan`` (see `gradaccum_conformance.Harness.run_plan`).
+
+        Checkpoints are ``acc.save(dir)`` — the shared format, model, optimizer,
+        scheduler and scaler included, what another stack can load — not
+        ``accelerator.save_state`` (whose ``gradaccum`` folder holds only the
+        accumulation state and the in-flight gradients); a resume is
+        ``acc.load(dir)`` into fresh singletons and objects after ``prepare``."""
+        result = self.run_plans([PlannedRun(scenario, workdir, plan)])[0]
+        if isinstance(result, gradaccum.errors.GradAccumError):
+            raise result
+        return result
+
+    def run_plans(
+        self, runs: Sequence[PlannedRun]
+    ) -> list[Trajectory | gradaccum.errors.GradAccumError]:
+        """Runs on one process here; runs on several processes in one launch."""
+        if runs and runs[0].scenario.world_size > 1:
+            timeout = self.timeout + 20.0 * len(runs)
+            return run_plans_on_ranks(
+                self, run_rank_plan, runs, timeout=timeout, launcher=launch_accelerate
+            )
+        results: list[Trajectory | gradaccum.errors.GradAccumError] = []
+        for planned in runs:
+            try:
+                with one_process():
+                    results.append(
+                        run_rank_plan(self, planned.scenario, planned.workdir, 0, planned.plan)
+                    )
+            except gradaccum.errors.GradAccumError as exc:
+                results.append(exc)
+        return results
 
 
 class _Run:
@@ -202,3 +252,11 @@ def run_rank(
     included), ``accelerator.load_state``.
     """
     return run_iterate_loop(functools.partial(_Run, harness, scenario), scenario, workdir, rank)
+
+
+def run_rank_plan(
+    harness: AccelerateHarness, scenario: Scenario, workdir: Path, rank: int, plan: CheckpointPlan
+) -> Trajectory:
+    """Run ``scenario`` under ``plan`` as process ``rank`` of Accelerate's current
+    environment (`gradaccum_ddp.harness_support.run_plan_loop`)."""
+    return run_plan_loop(functools.partial(_Run, harness, scenario), scenario, rank, plan)

@@ -27,23 +27,41 @@ trajectory carries rank 0's. Use it with the suite::
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch.nn.parallel import DistributedDataParallel
 
-from gradaccum_conformance import Harness, MicrobatchView, Scenario, Trajectory, TrajectoryRecorder
+import gradaccum.errors
+from gradaccum_conformance import (
+    CheckpointPlan,
+    Harness,
+    MicrobatchView,
+    PlannedRun,
+    Scenario,
+    Trajectory,
+    TrajectoryRecorder,
+)
 from gradaccum_ddp.accumulator import DDPAccumulator
 from gradaccum_ddp.harness_support import (
     BucketKeepingCounter,
     run_iterate_loop,
     run_on_ranks,
+    run_plan_loop,
+    run_plans_on_ranks,
     trajectory_from_json,
     trajectory_to_json,
 )
 from gradaccum_ddp.testing import one_rank_group
 
-__all__ = ["DDPHarness", "run_rank", "trajectory_from_json", "trajectory_to_json"]
+__all__ = [
+    "DDPHarness",
+    "run_rank",
+    "run_rank_plan",
+    "trajectory_from_json",
+    "trajectory_to_json",
+]
 
 
 class DDPHarness(Harness):
@@ -67,6 +85,7 @@ class DDPHarness(Harness):
             "distributed",
             "device_items",
             "probes",
+            "checkpoint_io",
         }
     )
     timeout: ClassVar[float] = 180.0
@@ -81,6 +100,34 @@ class DDPHarness(Harness):
             with one_rank_group():
                 return run_rank(self, scenario, workdir, rank=0)
         return run_on_ranks(self, run_rank, scenario, workdir, timeout=self.timeout)
+
+    def run_plan(self, scenario: Scenario, workdir: Path, plan: CheckpointPlan) -> Trajectory:
+        """``scenario`` under ``plan`` (see `gradaccum_conformance.Harness.run_plan`):
+        checkpoints through ``acc.save(dir)`` on every rank, a resume through
+        ``acc.load(dir)`` into fresh objects."""
+        result = self.run_plans([PlannedRun(scenario, workdir, plan)])[0]
+        if isinstance(result, gradaccum.errors.GradAccumError):
+            raise result
+        return result
+
+    def run_plans(
+        self, runs: Sequence[PlannedRun]
+    ) -> list[Trajectory | gradaccum.errors.GradAccumError]:
+        """Runs on one rank in this process, each on its own one-rank group; runs on
+        several ranks in one launch (`run_plans_on_ranks`)."""
+        if runs and runs[0].scenario.world_size > 1:
+            timeout = self.timeout + 20.0 * len(runs)
+            return run_plans_on_ranks(self, run_rank_plan, runs, timeout=timeout)
+        results: list[Trajectory | gradaccum.errors.GradAccumError] = []
+        for planned in runs:
+            try:
+                with one_rank_group():
+                    results.append(
+                        run_rank_plan(self, planned.scenario, planned.workdir, 0, planned.plan)
+                    )
+            except gradaccum.errors.GradAccumError as exc:
+                results.append(exc)
+        return results
 
 
 class _Run:
@@ -131,3 +178,11 @@ def run_rank(harness: DDPHarness, scenario: Scenario, workdir: Path, rank: int) 
     `gradaccum_ddp.harness_support.run_iterate_loop` (checkpoints through
     ``acc.save`` and ``acc.load``; the probes' attribution is described there)."""
     return run_iterate_loop(functools.partial(_Run, harness, scenario), scenario, workdir, rank)
+
+
+def run_rank_plan(
+    harness: DDPHarness, scenario: Scenario, workdir: Path, rank: int, plan: CheckpointPlan
+) -> Trajectory:
+    """Run ``scenario`` under ``plan`` as rank ``rank`` of the current process group
+    (`gradaccum_ddp.harness_support.run_plan_loop`)."""
+    return run_plan_loop(functools.partial(_Run, harness, scenario), scenario, rank, plan)

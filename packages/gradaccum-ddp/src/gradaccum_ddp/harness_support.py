@@ -24,13 +24,17 @@ lives here:
   (``None`` without a DDP model).
 * the loop of a harness that drives an accumulator's ``iterate``:
   `run_iterate_loop`, over an `IterateRun` (one rank's objects, rebuilt after
-  each checkpoint).
+  each checkpoint), and `run_plan_loop`, the same loop under a
+  `gradaccum_conformance.CheckpointPlan` (capability ``checkpoint_io``: the
+  cross-stack matrix).
+* many planned runs on several ranks in one launch: `run_plans_on_ranks`
+  (each rank runs `plans_rank_program`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -40,12 +44,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gradaccum.errors
 from gradaccum_conformance import (
+    CheckpointPlan,
     Harness,
     HeldMemory,
     HostReads,
     MicrobatchProbes,
     MicrobatchRecord,
     MicrobatchView,
+    PlannedRun,
     Scenario,
     Trajectory,
     TrajectoryRecorder,
@@ -63,11 +69,14 @@ __all__ = [
     "check_ranks_agree",
     "collect_trajectories",
     "pass_source",
+    "plans_rank_program",
     "rank_program",
     "rank_trajectory_path",
     "rebuild_rank_error",
     "run_iterate_loop",
     "run_on_ranks",
+    "run_plan_loop",
+    "run_plans_on_ranks",
     "scenario_passes",
     "shared_trajectory",
     "trajectory_from_json",
@@ -563,3 +572,142 @@ def _checkpoint_and_resume(start: Callable[[], R], run: R, workdir: Path) -> R:
     fresh = start()
     fresh.load(path)
     return fresh
+
+
+# -- planned runs (capability ``checkpoint_io``) -------------------------------------------------
+
+
+def run_plan_loop(
+    start: Callable[[], R], scenario: Scenario, rank: int, plan: CheckpointPlan
+) -> Trajectory:
+    """Run ``scenario`` as rank ``rank`` through the accumulator's ``iterate`` under
+    ``plan`` (see `gradaccum_conformance.Harness.run_plan`): ``start()`` builds the
+    rank's objects once; with ``plan.resume_from`` they load it (``acc.load``, the
+    shared format) and the loop starts after ``plan.resume_after`` (the rest of
+    its pass in a fresh ``iterate``); at each save point ``acc.save`` writes the
+    shared format and the run goes on. No probes."""
+    run = start()
+    if plan.resume_from is not None:
+        run.acc.load(plan.resume_from)
+    recorder = TrajectoryRecorder(run.module)
+    recorded = run.acc.machine.state.windows
+    steps = run.acc.stats.optimizer_steps
+
+    def record() -> None:
+        nonlocal recorded, steps
+        windows = run.acc.machine.state.windows
+        if windows > recorded:
+            recorder.window(
+                run.module,
+                run.optimizer,
+                stepped=run.acc.stats.optimizer_steps > steps,
+                reductions=run.reductions(),
+            )
+        recorded, steps = windows, run.acc.stats.optimizer_steps
+
+    for views in scenario_passes(scenario, rank):
+        remaining = [view for view in views if view.global_index >= plan.first]
+        if not remaining:
+            continue
+        for view in run.acc.iterate(pass_source(scenario, remaining)):
+            run.microbatch(view)
+            record()
+            path = plan.save_path(view.global_index)
+            if path is not None and not view.is_last_in_pass:
+                run.acc.save(path)
+        record()  # a window the pass's end closed (inside iterate)
+        path = plan.save_path(remaining[-1].global_index)
+        if path is not None:
+            run.acc.save(path)
+    return recorder.finish(run.acc.stats, run.scheduler)
+
+
+def _plan_result_path(workdir: Path, rank: int) -> Path:
+    return workdir / f"planned.rank{rank}.json"
+
+
+def plans_rank_program(
+    rank: int,
+    world_size: int,
+    run_rank_plan: Callable[[H, Scenario, Path, int, CheckpointPlan], Trajectory],
+    harness: H,
+    runs: Sequence[PlannedRun],
+) -> None:
+    """What each launched rank runs for `run_plans_on_ranks`: every planned run in
+    order, each result (trajectory, or the `GradAccumError` raised: class name and
+    message) written as JSON into its own workdir. Any other exception stops the
+    rank (its traceback goes to stderr; the runs left have no result)."""
+    for planned in runs:
+        planned.workdir.mkdir(parents=True, exist_ok=True)
+        out = _plan_result_path(planned.workdir, rank)
+        try:
+            trajectory = run_rank_plan(
+                harness, planned.scenario, planned.workdir, rank, planned.plan
+            )
+            result: dict[str, Any] = {"trajectory": trajectory_to_json(trajectory)}
+        except gradaccum.errors.GradAccumError as exc:
+            result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(out)
+
+
+def run_plans_on_ranks(
+    harness: H,
+    run_rank_plan: Callable[[H, Scenario, Path, int, CheckpointPlan], Trajectory],
+    runs: Sequence[PlannedRun],
+    *,
+    timeout: float,
+    launcher: Launcher = launch,
+) -> list[Trajectory | gradaccum.errors.GradAccumError]:
+    """Every planned run (all of the same ``world_size``) on one launch of that many
+    ranks (``launcher``; ``timeout`` seconds for all of them), each rank calling
+    ``run_rank_plan(harness, scenario, workdir, rank, plan)`` run after run: rank 0's
+    trajectory of each run once the ranks agree (`check_ranks_agree`), or the
+    `GradAccumError` every rank raised (rebuilt by `rebuild_rank_error`).
+
+    Raises:
+        RuntimeError: a rank left a run without a result (it crashed or was killed),
+            or the ranks disagree on whether a run raised.
+    """
+    if not runs:
+        return []
+    world = runs[0].scenario.world_size
+    if any(planned.scenario.world_size != world for planned in runs):
+        raise ValueError(f"{harness.name}: planned runs of one launch need one world_size")
+    launched = launcher(
+        plans_rank_program,
+        world,
+        run_rank_plan,
+        harness,
+        list(runs),
+        timeout=timeout,
+        pg_timeout=60.0,
+    )
+    results: list[Trajectory | gradaccum.errors.GradAccumError] = []
+    for planned in runs:
+        per_rank = []
+        for rank in range(world):
+            path = _plan_result_path(planned.workdir, rank)
+            if not path.exists():
+                raise RuntimeError(
+                    f"{harness.name}: rank {rank} wrote no result for the run in "
+                    f"{planned.workdir} ({launched}); its traceback is on stderr"
+                )
+            per_rank.append(json.loads(path.read_text()))
+        errors = ["error" in result for result in per_rank]
+        if all(errors):
+            error = rebuild_rank_error(per_rank[0]["error"], 0)
+            if not isinstance(error, gradaccum.errors.GradAccumError):
+                raise error
+            results.append(error)
+            continue
+        if any(errors):
+            raise RuntimeError(
+                f"{harness.name}: only ranks {[r for r, e in enumerate(errors) if e]} raised in "
+                f"the run in {planned.workdir}: {[r.get('error') for r in per_rank]}"
+            )
+        trajectories = [result["trajectory"] for result in per_rank]
+        check_ranks_agree(harness.name, trajectories, planned.scenario)
+        results.append(trajectory_from_json(trajectories[0]))
+    return results

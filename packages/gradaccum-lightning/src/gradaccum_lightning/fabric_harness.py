@@ -68,7 +68,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,8 +77,23 @@ from lightning.fabric import Fabric
 from lightning.fabric.plugins import MixedPrecision
 from lightning.fabric.wrappers import _FabricModule
 
-from gradaccum_conformance import Harness, MicrobatchView, Scenario, Trajectory, TrajectoryRecorder
-from gradaccum_ddp.harness_support import WindowReductions, run_iterate_loop, run_on_ranks
+import gradaccum.errors
+from gradaccum_conformance import (
+    CheckpointPlan,
+    Harness,
+    MicrobatchView,
+    PlannedRun,
+    Scenario,
+    Trajectory,
+    TrajectoryRecorder,
+)
+from gradaccum_ddp.harness_support import (
+    WindowReductions,
+    run_iterate_loop,
+    run_on_ranks,
+    run_plan_loop,
+    run_plans_on_ranks,
+)
 from gradaccum_ddp.testing import LaunchResult, free_port, launch
 from gradaccum_lightning.fabric import FabricAccumulator
 
@@ -90,6 +105,7 @@ __all__ = [
     "one_process",
     "rank_environment",
     "run_rank",
+    "run_rank_plan",
 ]
 
 LAUNCHER_VARIABLES = (
@@ -207,6 +223,7 @@ class FabricHarness(Harness):
             "distributed",
             "device_items",
             "probes",
+            "checkpoint_io",
         }
     )
     timeout: ClassVar[float] = 180.0
@@ -231,6 +248,35 @@ class FabricHarness(Harness):
         return run_on_ranks(
             self, run_rank, scenario, workdir, timeout=self.timeout, launcher=launch_fabric
         )
+
+    def run_plan(self, scenario: Scenario, workdir: Path, plan: CheckpointPlan) -> Trajectory:
+        """``scenario`` under ``plan`` (see `gradaccum_conformance.Harness.run_plan`):
+        checkpoints through ``acc.save(dir)``, a resume through ``acc.load(dir)``
+        into a fresh ``Fabric`` and fresh objects."""
+        result = self.run_plans([PlannedRun(scenario, workdir, plan)])[0]
+        if isinstance(result, gradaccum.errors.GradAccumError):
+            raise result
+        return result
+
+    def run_plans(
+        self, runs: Sequence[PlannedRun]
+    ) -> list[Trajectory | gradaccum.errors.GradAccumError]:
+        """Runs on one process here; runs on several ranks in one launch."""
+        if runs and runs[0].scenario.world_size > 1:
+            timeout = self.timeout + 20.0 * len(runs)
+            return run_plans_on_ranks(
+                self, run_rank_plan, runs, timeout=timeout, launcher=launch_fabric
+            )
+        results: list[Trajectory | gradaccum.errors.GradAccumError] = []
+        for planned in runs:
+            try:
+                with one_process():
+                    results.append(
+                        run_rank_plan(self, planned.scenario, planned.workdir, 0, planned.plan)
+                    )
+            except gradaccum.errors.GradAccumError as exc:
+                results.append(exc)
+        return results
 
 
 class _Run:
@@ -299,3 +345,11 @@ def run_rank(harness: FabricHarness, scenario: Scenario, workdir: Path, rank: in
     ``acc.save``, everything rebuilt (a fresh ``Fabric`` included), ``acc.load``.
     """
     return run_iterate_loop(functools.partial(_Run, harness, scenario), scenario, workdir, rank)
+
+
+def run_rank_plan(
+    harness: FabricHarness, scenario: Scenario, workdir: Path, rank: int, plan: CheckpointPlan
+) -> Trajectory:
+    """Run ``scenario`` under ``plan`` as rank ``rank``
+    (`gradaccum_ddp.harness_support.run_plan_loop`)."""
+    return run_plan_loop(functools.partial(_Run, harness, scenario), scenario, rank, plan)

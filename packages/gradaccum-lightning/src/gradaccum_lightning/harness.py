@@ -77,6 +77,8 @@ Use it with the suite::
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -84,11 +86,14 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.precision import MixedPrecision
 
+import gradaccum.errors
 from gradaccum.stats import AccumulationCallback, AccumulationStats
 from gradaccum_conformance import (
+    CheckpointPlan,
     Harness,
     MicrobatchProbes,
     MicrobatchView,
+    PlannedRun,
     Scenario,
     Trajectory,
     TrajectoryRecorder,
@@ -99,6 +104,7 @@ from gradaccum_ddp.harness_support import (
     WindowReductions,
     allowed_pass_reads,
     run_on_ranks,
+    run_plans_on_ranks,
     scenario_passes,
 )
 from gradaccum_lightning.callback import GradAccum
@@ -110,7 +116,7 @@ from gradaccum_lightning.testing import (
     quiet_trainer_kwargs,
 )
 
-__all__ = ["LightningHarness", "ScenarioModule", "run_rank"]
+__all__ = ["LightningHarness", "ScenarioModule", "run_rank", "run_rank_plan"]
 
 _PRECISION = {"float64": "64-true", "float32": "32-true", "bf16": "bf16-mixed"}
 
@@ -338,6 +344,7 @@ class LightningHarness(Harness):
             "distributed",
             "device_items",
             "probes",
+            "checkpoint_io",
         }
     )
     expected_failures = MappingProxyType(
@@ -376,6 +383,36 @@ class LightningHarness(Harness):
         return run_on_ranks(
             self, run_rank, scenario, workdir, timeout=self.timeout, launcher=launch_lightning
         )
+
+    def run_plan(self, scenario: Scenario, workdir: Path, plan: CheckpointPlan) -> Trajectory:
+        """``scenario`` under ``plan`` (see `gradaccum_conformance.Harness.run_plan`),
+        one ``Trainer.fit``: checkpoints through ``GradAccum.save(dir)`` (the shared
+        format) from the harness's callback, a resume through
+        ``GradAccum(resume=dir)``, with loaders that start at the microbatch after
+        ``plan.resume_after`` (the rest of its pass is the first epoch)."""
+        result = self.run_plans([PlannedRun(scenario, workdir, plan)])[0]
+        if isinstance(result, gradaccum.errors.GradAccumError):
+            raise result
+        return result
+
+    def run_plans(
+        self, runs: Sequence[PlannedRun]
+    ) -> list[Trajectory | gradaccum.errors.GradAccumError]:
+        """Runs on one process here; runs on several ranks in one launch."""
+        if runs and runs[0].scenario.world_size > 1:
+            timeout = self.timeout + 20.0 * len(runs)
+            return run_plans_on_ranks(
+                self, run_rank_plan, runs, timeout=timeout, launcher=launch_lightning
+            )
+        results: list[Trajectory | gradaccum.errors.GradAccumError] = []
+        for planned in runs:
+            try:
+                results.append(
+                    run_rank_plan(self, planned.scenario, planned.workdir, 0, planned.plan)
+                )
+            except gradaccum.errors.GradAccumError as exc:
+                results.append(exc)
+        return results
 
 
 def _module(run: _Run) -> ScenarioModule:
@@ -438,3 +475,99 @@ def _check_stopped(run: _Run) -> None:
             f"the checkpoint was taken after microbatch {run.stopped_after} and "
             f"trainer.should_stop set, but the Trainer ran microbatches {run.seen}"
         )
+
+
+class _PlanDriver(pl.Callback):
+    """Placed after GradAccum in a planned run: starts the recorder once a resume
+    is loaded, records windows, writes the plan's shared-format checkpoints."""
+
+    def __init__(
+        self,
+        passes: list[list[MicrobatchView]],
+        windows: _Windows,
+        module: ScenarioModule,
+        plan: CheckpointPlan,
+        world_size: int,
+    ) -> None:
+        self.passes = passes
+        self.windows = windows
+        self.module = module
+        self.plan = plan
+        self.world_size = world_size
+        self.counter = WindowReductions()
+        self.recorder: TrajectoryRecorder | None = None
+        self.seen: list[int] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.world_size > 1:
+            acc = GradAccum.of(trainer).accumulator
+            counter = BucketKeepingCounter(trainer.strategy.model, acc.distributed)  # type: ignore[arg-type]
+            self.counter = WindowReductions(counter)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # GradAccum's on_train_start (before this callback) loaded the resume.
+        self.recorder = TrajectoryRecorder(self.module, prefix="model.")
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        view = self.passes[trainer.current_epoch][batch_idx]
+        self.seen.append(view.global_index)
+        self._record(trainer)
+        path = self.plan.save_path(view.global_index)
+        if path is not None and not view.is_last_in_pass:
+            GradAccum.of(trainer).save(path)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer)
+        path = self.plan.save_path(self.passes[trainer.current_epoch][-1].global_index)
+        if path is not None:
+            GradAccum.of(trainer).save(path)
+
+    def _record(self, trainer: pl.Trainer) -> None:
+        closed, self.windows.closed = self.windows.closed, []
+        assert self.recorder is not None
+        for stepped in closed:
+            self.recorder.window(
+                self.module,
+                trainer.optimizers[0],
+                stepped=stepped,
+                reductions=self.counter.take(),
+            )
+
+
+def run_rank_plan(
+    harness: LightningHarness, scenario: Scenario, workdir: Path, rank: int, plan: CheckpointPlan
+) -> Trajectory:
+    """Run ``scenario`` under ``plan`` as rank ``rank`` through one ``Trainer.fit``
+    (see `LightningHarness.run_plan`)."""
+    passes = [
+        [view for view in views if view.global_index >= plan.first]
+        for views in scenario_passes(scenario, rank)
+    ]
+    passes = [views for views in passes if views]
+    module = ScenarioModule(scenario, passes, known=scenario.pass_length == "known")
+    windows = _Windows()
+    callback = harness.callback(scenario, windows)
+    if plan.resume_from is not None:
+        callback.resume = os.fspath(plan.resume_from)
+    driver = _PlanDriver(passes, windows, module, plan, scenario.world_size)
+    kwargs = harness.trainer_kwargs(scenario)
+    kwargs["max_epochs"] = len(passes)
+    with quiet_lightning():
+        trainer = pl.Trainer(callbacks=[callback, driver], **kwargs)
+        trainer.fit(module)
+    expected = [view.global_index for views in passes for view in views]
+    if driver.seen != expected:
+        raise AssertionError(
+            f"{harness.name}: the Trainer ran microbatches {driver.seen}, not {expected}"
+        )
+    assert driver.recorder is not None
+    configs = trainer.lr_scheduler_configs
+    scheduler = configs[0].scheduler if configs else None
+    return driver.recorder.finish(callback.stats, scheduler)

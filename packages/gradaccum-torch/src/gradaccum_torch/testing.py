@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from gradaccum_conformance import (
+    CheckpointPlan,
     Harness,
     MicrobatchProbes,
     MicrobatchView,
@@ -47,6 +48,7 @@ class TorchHarness(Harness):
             "cuda",
             "device_items",
             "probes",
+            "checkpoint_io",
         }
     )
 
@@ -103,6 +105,38 @@ class TorchHarness(Harness):
                     model, optimizer, acc = self._build(scenario)
                     acc.load(workdir / "checkpoint")
                     probes.track(model, optimizer, acc.scaler, recorder)
+        return recorder.finish(acc.stats, acc.scheduler)
+
+    def run_plan(self, scenario: Scenario, workdir: Path, plan: CheckpointPlan) -> Trajectory:
+        """Run ``scenario`` under ``plan`` (see `Harness.run_plan`): checkpoints
+        through ``acc.save(dir)``, a resume through ``acc.load(dir)`` into fresh
+        objects."""
+        model, optimizer, acc = self._build(scenario)
+        if plan.resume_from is not None:
+            acc.load(plan.resume_from)
+        recorder = TrajectoryRecorder(model)
+        known = scenario.pass_length == "known"
+        recorded = acc.machine.state.windows
+        steps = acc.machine.state.optimizer_steps
+
+        def record() -> None:
+            nonlocal recorded, steps
+            state = acc.machine.state
+            if state.windows > recorded:
+                recorder.window(model, optimizer, stepped=state.optimizer_steps > steps)
+            recorded, steps = state.windows, state.optimizer_steps
+
+        for view in scenario.iter_microbatches():
+            if view.global_index < plan.first:
+                continue
+            _microbatch(acc, model, scenario, view, known)
+            record()
+            if view.is_last_in_pass:
+                acc.end_pass()
+                record()
+            path = plan.save_path(view.global_index)
+            if path is not None:
+                acc.save(path)
         return recorder.finish(acc.stats, acc.scheduler)
 
 
