@@ -81,7 +81,9 @@ class _Replica:
         if clip.mode == "norm":
             # torch's coefficient max / (norm + 1e-6), on the norm the threshold refers to.
             grads = [p.grad for p in self.params if p.grad is not None]
-            true_norm = nn.utils.get_total_norm(grads, norm_type=clip.norm_type) / scale
+            # torch.nn.utils.get_total_norm spelled out: that function needs torch 2.6
+            norms = torch.stack([torch.linalg.vector_norm(g, clip.norm_type) for g in grads])
+            true_norm = torch.linalg.vector_norm(norms, clip.norm_type) / scale
             coef = torch.clamp(clip.max / (true_norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
         else:

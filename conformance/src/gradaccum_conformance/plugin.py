@@ -4,8 +4,10 @@ Adds the options ``--gradaccum-harness``, ``--gradaccum-device``,
 ``--gradaccum-dtype`` and ``--gradaccum-report``; the fixtures
 ``gradaccum_device``, ``gradaccum_precision`` (parametrized by the dtypes)
 and ``gradaccum_cli_harness``; a header naming the adapter, the spec
-version, the device and the dtypes (printed after collection, and only when
-conformance tests were collected, so other test runs stay quiet); a terminal
+version, the device and the dtypes, then the torch release and, with
+``--gradaccum-device=cuda``, the GPU or that there is none (printed after
+collection, and only when conformance tests were collected, so other test
+runs stay quiet); a terminal
 summary of broken promises and skipped capabilities per harness; and the
 JSON compliance report.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import gradaccum
 from gradaccum_conformance.compare import BrokenPromiseError
@@ -109,8 +112,18 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
     return [
         f"gradaccum conformance {SUITE_VERSION}: adapter {_adapter_label(config)}, "
         f"spec {gradaccum.SPEC_VERSION}, device {config.getoption('--gradaccum-device')}, "
-        f"dtype {','.join(_precisions(config))}"
+        f"dtype {','.join(_precisions(config))}",
+        f"gradaccum conformance runs on torch {torch.__version__}{_cuda_note(config)}",
     ]
+
+
+def _cuda_note(config: pytest.Config) -> str:
+    """Which GPU ``--gradaccum-device=cuda`` uses, or that there is none (every test skips)."""
+    if config.getoption("--gradaccum-device") != "cuda":
+        return ""
+    if not torch.cuda.is_available():
+        return ": CUDA is not available, so every conformance test skips"
+    return f", CUDA device {torch.cuda.get_device_name()}"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -313,6 +326,7 @@ class _ComplianceRecorder:
             "adapter": ", ".join(harnesses) or _adapter_label(config),
             "device": config.getoption("--gradaccum-device"),
             "dtype": _precisions(config),
+            "torch": torch.__version__,
             "tests": list(self.results.values()),
             "promises": _promise_summary(self.results),
         }

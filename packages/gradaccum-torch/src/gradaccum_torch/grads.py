@@ -4,6 +4,7 @@ its docstring says so."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -43,13 +44,35 @@ def total_norm(grads: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.T
     for (_, group_dtype), group in by_key.items():
         # float32 norms for fp16/bf16 gradients, whose own norm overflows early.
         low = group_dtype in (torch.float16, torch.bfloat16)
-        norms.extend(torch._foreach_norm(group, norm_type, dtype=torch.float32 if low else None))
+        norms.extend(_foreach_norm(group, norm_type, torch.float32 if low else None))
     if len(by_key) == 1 and norms[0].dtype == dtype:
         stacked = torch.stack(norms)  # one device and dtype: no conversions needed
     else:
         stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
     norm: torch.Tensor = torch.linalg.vector_norm(stacked, norm_type)
     return norm
+
+
+def _foreach_norm(
+    group: list[torch.Tensor], norm_type: float, dtype: torch.dtype | None
+) -> list[torch.Tensor]:
+    """``torch._foreach_norm(group, norm_type, dtype=dtype)``. Torch before 2.4
+    has no ``dtype`` argument there: it gets a float32 copy of each gradient
+    instead (freed on return; still no host sync)."""
+    if dtype is None:
+        return list(torch._foreach_norm(group, norm_type))
+    if _FOREACH_NORM_DTYPE:
+        return list(torch._foreach_norm(group, norm_type, dtype=dtype))
+    return list(torch._foreach_norm([g.to(dtype) for g in group], norm_type))
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return found is None or (int(found.group(1)), int(found.group(2))) >= (major, minor)
+
+
+_FOREACH_NORM_DTYPE = _torch_at_least(2, 4)
+"""Whether ``torch._foreach_norm`` takes ``dtype=`` (torch 2.4 and later)."""
 
 
 def has_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
