@@ -253,12 +253,21 @@ def test_min_size_oom_raises_and_discards() -> None:
 
 
 def test_other_errors_propagate_unchanged() -> None:
-    """ACC-K5: an error that is not out-of-memory is not swallowed."""
+    """ACC-K5: an error that is not out-of-memory is not swallowed; the window it broke
+    (one microbatch already summed) is discarded, parameters untouched, and the next
+    run() starts a clean window and steps."""
     model = make_model()
+    before = params_of(model)
     acc = adaptive_acc(model, 4, 2)
     with pytest.raises(ValueError, match="bad data"):
-        acc.run(batches(1, 4)[0], failing(model, {1}, exc=lambda: ValueError("bad data")))
+        acc.run(batches(1, 4)[0], failing(model, {2}, exc=lambda: ValueError("bad data")))
     assert acc.adaptive.events == []
+    assert not acc.is_accumulating and acc.machine.state.position == 0
+    assert acc.stats.dropped_windows == 1 and acc.stats.optimizer_steps == 0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), before, strict=True))
+    result = acc.run(batches(1, 4)[0], lambda part: sum_loss(model, part))
+    assert result.stepped and acc.stats.optimizer_steps == 1
 
 
 def test_bad_use_is_refused_before_anything_runs() -> None:

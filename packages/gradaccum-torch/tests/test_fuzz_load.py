@@ -24,11 +24,13 @@ non-default ``nox -s fuzz`` session runs 10,000.
 from __future__ import annotations
 
 import copy
+import faulthandler
 import hashlib
 import json
 import math
 import os
 import random
+import resource
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -293,7 +295,11 @@ def test_fuzz_accumulator_load(tmp_path: Path) -> None:
     base_parts = parts(base)
     rng = random.Random(SEED)
     counts: Counter[str] = Counter()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     for example in range(EXAMPLES):
+        # No hang: an input that blocks ends the run with a traceback after 120 s instead
+        # of hanging CI (one input takes tens of milliseconds).
+        faulthandler.dump_traceback_later(120, exit=True)
         target = tmp_path / f"case{example % 2}"
         if target.exists():
             shutil.rmtree(target)
@@ -348,5 +354,10 @@ def test_fuzz_accumulator_load(tmp_path: Path) -> None:
         if not _finite(model):
             assert huge, f"example {example} ({kind}) was accepted and diverged"
             counts["accepted, diverged by a huge hyper-parameter"] += 1
+    faulthandler.cancel_dump_traceback_later()
     print(f"fuzz Accumulator.load: {EXAMPLES} examples, {dict(counts)}")
     assert counts["refused"] > counts["accepted"] > 0
+    # No memory blow-up: the inputs raise this process's peak resident memory by less than
+    # 512 MiB (a /dev/zero link read to its end, or a huge declared shape, would take GBs).
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert grown < 512 * 1024, f"peak resident memory grew by {grown} KiB over the inputs"

@@ -138,6 +138,8 @@ MUTATIONS: dict[str, Mutation] = {
     "StepLR step_size 2.5": _set_sched("step_size", 2.5),
     # more of the same kind
     "weight_decay is null": _set_group("weight_decay", None),
+    # found by the 10,000-example fuzz run: finite as JSON, inf as float32, the step crashed
+    "weight_decay 1e300 on float32 parameters": _set_group("weight_decay", 1e300),
     "amsgrad is a number": _set_group("amsgrad", 1),
     "unknown optimizer option holds an object": _set_group("bogus", {"a": 1}),
     "optimizer class": lambda p: p["metadata"]["optimizer"].__setitem__("class", "SGD"),
@@ -175,7 +177,7 @@ MUTATIONS: dict[str, Mutation] = {
     "item count two tensors": lambda p: _put(
         p, "items", {"items": torch.tensor(1.0, dtype=torch.float64), "x": torch.zeros(())}
     ),
-    "item count int64 vector": lambda p: _put(p, "items", {"items": torch.ones(2)}),
+    "item count a vector": lambda p: _put(p, "items", {"items": torch.ones(2)}),
     "mid-window under another world size": lambda p: p.__setitem__("world_size", 2),
     "mid-window under another normalization": lambda p: p["config"].__setitem__(
         "normalization", "mean"

@@ -86,6 +86,26 @@ def test_memory_monitor_bad_options() -> None:
         MemoryMonitor(model, threshold=0.0)
     with pytest.raises(ConfigError, match="window=1"):
         MemoryMonitor(model, window=1)
+    with pytest.raises(ConfigError, match="threshold='x'"):
+        MemoryMonitor(model, threshold="x")  # type: ignore[arg-type]
+    for budget in ("x", -1, 0, True):
+        with pytest.raises(ConfigError, match="budget_bytes="):
+            MemoryMonitor(model, budget_bytes=budget)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="device='bogus'"):
+        MemoryMonitor(model, device="bogus")
+
+
+def test_performance_tracker_bad_options() -> None:
+    """ACC-E4: a tracker needs an Accumulator and a real device: ConfigError naming the
+    value, and nothing is registered."""
+    for acc in (None, 3):
+        with pytest.raises(ConfigError, match=f"acc={acc!r}"):
+            PerformanceTracker(acc)  # type: ignore[arg-type]
+    model = make_model()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)
+    with pytest.raises(ConfigError, match="device='bogus'"):
+        PerformanceTracker(acc, device="bogus")
+    assert acc.machine.listeners == ()
 
 
 def test_performance_tracker_counts_and_adds_no_host_reads() -> None:

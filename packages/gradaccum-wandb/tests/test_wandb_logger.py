@@ -283,6 +283,8 @@ def test_bad_arguments_raise_before_anything_changes() -> None:
         WandbLogger(grad_norm=1)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="cannot attach to int"):
         WandbLogger().attach(3)
+    with pytest.raises(ConfigError, match=r"run=3 must be a wandb run"):
+        WandbLogger(3)
     logger = WandbLogger(rank=0)
     with pytest.raises(UsageError, match="attach"):
         logger.stage({"loss": 1.0})
@@ -299,6 +301,10 @@ def test_bad_arguments_raise_before_anything_changes() -> None:
     logger.attach(acc)
     with pytest.raises(UsageError, match="already attached"):
         logger.attach(acc)
+    logger.stage({"loss": 1.0}, reduce="mean")
+    with pytest.raises(UsageError, match=r"'loss' was staged with reduce='mean' and now"):
+        logger.stage({"loss": 1.0}, reduce="sum")  # refused at stage(), before any backward
+    assert acc.stats.micro_steps == 0
 
 
 def test_other_ranks_log_nothing() -> None:

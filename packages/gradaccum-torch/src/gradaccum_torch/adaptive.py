@@ -395,6 +395,10 @@ class AdaptiveRunner:
             kept = acc.machine.state.dropped_windows == dropped
             self._exchange((_OOM if kept else _OOM_DROPPED) if oom else _ERROR)
             if not oom:
+                # The other ranks discard the window (`_run`): so does this one, so that
+                # every rank is between windows again and the next run() starts clean.
+                if acc._open is None and acc.machine.state.position:
+                    acc.discard_window()
                 raise
             return _first_line(exc)
 

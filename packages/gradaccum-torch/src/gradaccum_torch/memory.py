@@ -115,14 +115,30 @@ class MemoryMonitor(AccumulationCallback):
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not 0.0 < threshold <= 1.0:
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0.0 < threshold <= 1.0
+        ):
             raise ConfigError(f"threshold={threshold!r} must lie in (0, 1], e.g. 0.9")
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ConfigError(f"window={window!r} must be an int >= 2")
+        if budget_bytes is not None and (
+            isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0
+        ):
+            raise ConfigError(
+                f"budget_bytes={budget_bytes!r} must be a positive int (bytes) or None for the "
+                f"device's total memory"
+            )
         params = [p for p in model.parameters() if p.requires_grad]
-        self.device = torch.device(
-            device if device is not None else (params[0].device if params else "cpu")
-        )
+        try:
+            self.device = torch.device(
+                device if device is not None else (params[0].device if params else "cpu")
+            )
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(
+                f"device={device!r} is not a torch device ({exc}); pass e.g. 'cpu' or 'cuda:0'"
+            ) from None
         self._cuda = self.device.type == "cuda"
         self._params = params
         self._param_ptrs = [p.untyped_storage().data_ptr() for p in params]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradaccum.errors import ConfigError
 from gradaccum.stats import AccumulationCallback, AccumulationStats
 
 if TYPE_CHECKING:
@@ -41,8 +42,21 @@ class PerformanceTracker(AccumulationCallback):
     """
 
     def __init__(self, acc: Accumulator, *, device: torch.device | str | None = None) -> None:
+        from gradaccum_torch.accumulator import Accumulator
+
+        if not isinstance(acc, Accumulator):
+            raise ConfigError(
+                f"PerformanceTracker(acc={acc!r}) needs a gradaccum_torch Accumulator (or an "
+                f"adapter's, which is one)"
+            )
+        try:
+            chosen = torch.device(device) if device is not None else acc._device()
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(
+                f"device={device!r} is not a torch device ({exc}); pass e.g. 'cpu' or 'cuda:0'"
+            ) from None
         self._acc = acc
-        self.device = torch.device(device) if device is not None else acc._device()
+        self.device = chosen
         self._cuda = self.device.type == "cuda"
         self._events: list[Any] = []
         self._started = time.perf_counter()

@@ -120,6 +120,11 @@ class WandbLogger(AccumulationCallback):
             raise ConfigError(f"rank={rank!r} must be an int >= 0 or None")
         if isinstance(first_step, bool) or not isinstance(first_step, int):
             raise ConfigError(f"first_step={first_step!r} must be an int (1, or 0 for Lightning)")
+        if run is not None and not callable(run) and not callable(getattr(run, "log", None)):
+            raise ConfigError(
+                f"run={run!r} must be a wandb run (with .log), a callable returning one "
+                f"(e.g. lambda: wandb.run), or None for the current wandb.run"
+            )
         extras = list(extra)
         for fn in extras:
             if not callable(fn):
@@ -281,6 +286,15 @@ class WandbLogger(AccumulationCallback):
                 raise UsageError("a staged metric needs a non-empty name")
             if key == self.step_metric:
                 raise UsageError(f"{key!r} is the x-axis; stage it under another name")
+            # One reduction per metric and window, refused here, before the microbatch's
+            # backward counts it (not at that backward, after the gradient was summed).
+            earlier = self._sums[key][0] if key in self._sums else None
+            earlier = earlier or next((r for k, _, _, r in self._pending if k == key), None)
+            if earlier is not None and earlier != reduce:
+                raise UsageError(
+                    f"metric {key!r} was staged with reduce={earlier!r} and now "
+                    f"reduce={reduce!r} in one window; use one reduction per metric"
+                )
         if not self._started:
             acc = self._accumulator()
             if acc is not None:
