@@ -48,8 +48,9 @@ from gradaccum_ddp.harness_support import (
     BucketKeepingCounter,
     run_iterate_loop,
     run_on_ranks,
+    run_one_plan,
     run_plan_loop,
-    run_plans_on_ranks,
+    run_plans,
     trajectory_from_json,
     trajectory_to_json,
 )
@@ -105,29 +106,14 @@ class DDPHarness(Harness):
         """``scenario`` under ``plan`` (see `gradaccum_conformance.Harness.run_plan`):
         checkpoints through ``acc.save(dir)`` on every rank, a resume through
         ``acc.load(dir)`` into fresh objects."""
-        result = self.run_plans([PlannedRun(scenario, workdir, plan)])[0]
-        if isinstance(result, gradaccum.errors.GradAccumError):
-            raise result
-        return result
+        return run_one_plan(self, scenario, workdir, plan)
 
     def run_plans(
         self, runs: Sequence[PlannedRun]
     ) -> list[Trajectory | gradaccum.errors.GradAccumError]:
         """Runs on one rank in this process, each on its own one-rank group; runs on
         several ranks in one launch (`run_plans_on_ranks`)."""
-        if runs and runs[0].scenario.world_size > 1:
-            timeout = self.timeout + 20.0 * len(runs)
-            return run_plans_on_ranks(self, run_rank_plan, runs, timeout=timeout)
-        results: list[Trajectory | gradaccum.errors.GradAccumError] = []
-        for planned in runs:
-            try:
-                with one_rank_group():
-                    results.append(
-                        run_rank_plan(self, planned.scenario, planned.workdir, 0, planned.plan)
-                    )
-            except gradaccum.errors.GradAccumError as exc:
-                results.append(exc)
-        return results
+        return run_plans(self, run_rank_plan, runs, timeout=self.timeout, one_rank=one_rank_group)
 
 
 class _Run:

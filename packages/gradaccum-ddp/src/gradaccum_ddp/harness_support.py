@@ -33,6 +33,7 @@ lives here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -75,7 +76,9 @@ __all__ = [
     "rebuild_rank_error",
     "run_iterate_loop",
     "run_on_ranks",
+    "run_one_plan",
     "run_plan_loop",
+    "run_plans",
     "run_plans_on_ranks",
     "scenario_passes",
     "shared_trajectory",
@@ -711,3 +714,43 @@ def run_plans_on_ranks(
         check_ranks_agree(harness.name, trajectories, planned.scenario)
         results.append(trajectory_from_json(trajectories[0]))
     return results
+
+
+def run_plans(
+    harness: H,
+    run_rank_plan: Callable[[H, Scenario, Path, int, CheckpointPlan], Trajectory],
+    runs: Sequence[PlannedRun],
+    *,
+    timeout: float,
+    launcher: Launcher = launch,
+    one_rank: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> list[Trajectory | gradaccum.errors.GradAccumError]:
+    """A harness's ``run_plans``: runs of several ranks on one launch
+    (`run_plans_on_ranks`, ``timeout`` seconds plus 20 per run); runs of one rank here,
+    one after the other, each inside ``one_rank()`` (the harness's one-process setup), a
+    `GradAccumError` returned in the run's place."""
+    if runs and runs[0].scenario.world_size > 1:
+        return run_plans_on_ranks(
+            harness, run_rank_plan, runs, timeout=timeout + 20.0 * len(runs), launcher=launcher
+        )
+    results: list[Trajectory | gradaccum.errors.GradAccumError] = []
+    for planned in runs:
+        try:
+            with one_rank():
+                results.append(
+                    run_rank_plan(harness, planned.scenario, planned.workdir, 0, planned.plan)
+                )
+        except gradaccum.errors.GradAccumError as exc:
+            results.append(exc)
+    return results
+
+
+def run_one_plan(
+    harness: Harness, scenario: Scenario, workdir: Path, plan: CheckpointPlan
+) -> Trajectory:
+    """A harness's ``run_plan``: its ``run_plans`` on one run, raising the run's
+    `GradAccumError` instead of returning it."""
+    result = harness.run_plans([PlannedRun(scenario, workdir, plan)])[0]
+    if isinstance(result, gradaccum.errors.GradAccumError):
+        raise result
+    return result

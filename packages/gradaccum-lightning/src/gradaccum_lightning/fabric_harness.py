@@ -91,8 +91,9 @@ from gradaccum_ddp.harness_support import (
     WindowReductions,
     run_iterate_loop,
     run_on_ranks,
+    run_one_plan,
     run_plan_loop,
-    run_plans_on_ranks,
+    run_plans,
 )
 from gradaccum_ddp.testing import LaunchResult, free_port, launch
 from gradaccum_lightning.fabric import FabricAccumulator
@@ -253,30 +254,20 @@ class FabricHarness(Harness):
         """``scenario`` under ``plan`` (see `gradaccum_conformance.Harness.run_plan`):
         checkpoints through ``acc.save(dir)``, a resume through ``acc.load(dir)``
         into a fresh ``Fabric`` and fresh objects."""
-        result = self.run_plans([PlannedRun(scenario, workdir, plan)])[0]
-        if isinstance(result, gradaccum.errors.GradAccumError):
-            raise result
-        return result
+        return run_one_plan(self, scenario, workdir, plan)
 
     def run_plans(
         self, runs: Sequence[PlannedRun]
     ) -> list[Trajectory | gradaccum.errors.GradAccumError]:
         """Runs on one process here; runs on several ranks in one launch."""
-        if runs and runs[0].scenario.world_size > 1:
-            timeout = self.timeout + 20.0 * len(runs)
-            return run_plans_on_ranks(
-                self, run_rank_plan, runs, timeout=timeout, launcher=launch_fabric
-            )
-        results: list[Trajectory | gradaccum.errors.GradAccumError] = []
-        for planned in runs:
-            try:
-                with one_process():
-                    results.append(
-                        run_rank_plan(self, planned.scenario, planned.workdir, 0, planned.plan)
-                    )
-            except gradaccum.errors.GradAccumError as exc:
-                results.append(exc)
-        return results
+        return run_plans(
+            self,
+            run_rank_plan,
+            runs,
+            timeout=self.timeout,
+            launcher=launch_fabric,
+            one_rank=one_process,
+        )
 
 
 class _Run:

@@ -104,7 +104,8 @@ from gradaccum_ddp.harness_support import (
     WindowReductions,
     allowed_pass_reads,
     run_on_ranks,
-    run_plans_on_ranks,
+    run_one_plan,
+    run_plans,
     scenario_passes,
 )
 from gradaccum_lightning.callback import GradAccum
@@ -390,29 +391,13 @@ class LightningHarness(Harness):
         format) from the harness's callback, a resume through
         ``GradAccum(resume=dir)``, with loaders that start at the microbatch after
         ``plan.resume_after`` (the rest of its pass is the first epoch)."""
-        result = self.run_plans([PlannedRun(scenario, workdir, plan)])[0]
-        if isinstance(result, gradaccum.errors.GradAccumError):
-            raise result
-        return result
+        return run_one_plan(self, scenario, workdir, plan)
 
     def run_plans(
         self, runs: Sequence[PlannedRun]
     ) -> list[Trajectory | gradaccum.errors.GradAccumError]:
         """Runs on one process here; runs on several ranks in one launch."""
-        if runs and runs[0].scenario.world_size > 1:
-            timeout = self.timeout + 20.0 * len(runs)
-            return run_plans_on_ranks(
-                self, run_rank_plan, runs, timeout=timeout, launcher=launch_lightning
-            )
-        results: list[Trajectory | gradaccum.errors.GradAccumError] = []
-        for planned in runs:
-            try:
-                results.append(
-                    run_rank_plan(self, planned.scenario, planned.workdir, 0, planned.plan)
-                )
-            except gradaccum.errors.GradAccumError as exc:
-                results.append(exc)
-        return results
+        return run_plans(self, run_rank_plan, runs, timeout=self.timeout, launcher=launch_lightning)
 
 
 def _module(run: _Run) -> ScenarioModule:
