@@ -242,6 +242,7 @@ FRAMEWORKS = {  # adapter -> [pins of the declared minimum, pins of the newest r
     # imports pkg_resources, which torch 2.13's setuptools>=77 no longer ships from 81 on.
     "gradaccum-lightning": [["lightning==2.5.0", "setuptools<81"], ["lightning==2.6.6"]],
     "gradaccum-accelerate": [["accelerate==1.0.0"], ["accelerate==1.15.0"]],
+    "gradaccum-wandb": [["wandb==0.30.0"], ["wandb==0.31.0"]],
 }
 
 
@@ -277,6 +278,8 @@ def _cells() -> list[Cell]:
     for package, releases in FRAMEWORKS.items():
         if package in LOCAL:
             cells += [Cell(package, "2.13.0", tuple(pins)) for pins in releases]
+            # the oldest framework release on the oldest torch too: both floors at once
+            cells.append(Cell(package, TORCH_MIN, tuple(releases[0])))
     return [c for c in cells if all(t in LOCAL for t in c.targets)]
 
 
@@ -481,7 +484,7 @@ def _cell_session(session: nox.Session, cell: Cell) -> None:
 @nox.session(python=False)
 @nox.parametrize("package", list(OLDEST), ids=list(OLDEST))
 def oldest(session: nox.Session, package: str) -> None:
-    """A package's tests against the oldest torch / Lightning / Accelerate it declares.
+    """A package's tests against the oldest torch / Lightning / Accelerate / wandb it declares.
 
     gradaccum-torch on the oldest torch; the Lightning and Accelerate adapters on the oldest
     framework release (with torch 2.13.0)."""
