@@ -128,10 +128,12 @@ def reseal(
     metadata: Mapping[str, Any] | None = None,
     files: Mapping[str, bytes] | None = None,
     world_size: int | None = None,
+    format_version: int = 2,
 ) -> Path:
     """Write ``source``'s checkpoint to ``target`` with the given parts
-    replaced, through `write_checkpoint`: every checksum is valid, so only
-    the loader's own checks can refuse what was changed."""
+    replaced, through `write_checkpoint` (in ``format_version``): every
+    checksum is valid, so only the loader's own checks can refuse what was
+    changed."""
     ckpt = read_checkpoint(source)
     write_checkpoint(
         target,
@@ -141,6 +143,7 @@ def reseal(
         producer=Producer("gradaccum-torch", "test"),
         world_size=ckpt.world_size if world_size is None else world_size,
         metadata=_thaw(ckpt.metadata) if metadata is None else metadata,
+        format_version=format_version,
     )
     return target
 

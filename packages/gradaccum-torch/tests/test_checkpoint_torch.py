@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckpt_helpers import reseal
 from conftest import Batch, make_batches, make_model, params_of, sum_loss
 
 from gradaccum.checkpoint import read_checkpoint
+from gradaccum.errors import CheckpointChecksumError
 from gradaccum_torch import Accumulator
 
 SIZES = [3, 2, 4, 1, 3, 2, 5, 2, 3, 1]
@@ -73,6 +75,44 @@ def test_mid_window_resume_is_bitwise_identical(
     assert acc2.stats.optimizer_steps == expected_stats.optimizer_steps == 3
     assert acc2.stats.micro_steps == expected_stats.micro_steps == len(SIZES)
     assert acc2.scheduler is not None and acc2.scheduler.last_epoch == 3
+
+
+def test_format_1_checkpoint_resumes_on_the_same_trajectory(tmp_path: Path) -> None:
+    """ACC-R3, CKPT-25: the adapter writes format 2; the same checkpoint
+    rewritten in format 1 loads and resumes bitwise like it, and a format-1
+    tensor file with one flipped byte is refused (whole-file digest) with the
+    live objects unchanged."""
+    batches = make_batches(SIZES)
+    model, acc = _build("items")
+    _run(acc, model, batches, "items")
+    expected = params_of(model)
+
+    model, acc = _build("items")
+    _run(acc, model, batches[:6], "items")
+    acc.save(tmp_path / "v2")
+    assert read_checkpoint(tmp_path / "v2").manifest.format_version == 2
+    reseal(tmp_path / "v2", tmp_path / "v1", format_version=1)
+    v1 = read_checkpoint(tmp_path / "v1")
+    assert v1.manifest.format_version == 1
+    assert all(v1.manifest.files[r].sha256 is not None for r in v1.roles)
+
+    for name in ("v2", "v1"):
+        model2, acc2 = _build("items", make_model(seed=99))
+        acc2.load(tmp_path / name)
+        _run(acc2, model2, batches[6:], "items", start=6)
+        for a, b in zip(expected, params_of(model2), strict=True):
+            assert torch.equal(a, b), name
+
+    blob = bytearray((tmp_path / "v1" / "model.safetensors").read_bytes())
+    blob[-3] ^= 0x10
+    (tmp_path / "v1" / "model.safetensors").write_bytes(blob)
+    model3, acc3 = _build("items", make_model(seed=7))
+    before = params_of(model3)
+    with pytest.raises(CheckpointChecksumError, match=r"file 'model.safetensors' has SHA-256"):
+        acc3.load(tmp_path / "v1")
+    for a, b in zip(before, params_of(model3), strict=True):
+        assert torch.equal(a, b)
+    assert acc3.stats.micro_steps == 0
 
 
 def test_tensor_item_counts_survive_a_checkpoint(tmp_path: Path) -> None:

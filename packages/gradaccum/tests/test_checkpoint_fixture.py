@@ -1,4 +1,5 @@
-"""The frozen format-version-1 checkpoint stays readable (spec promise CKPT-16)."""
+"""The frozen checkpoints of format versions 1 and 2 stay readable (spec promises CKPT-16,
+CKPT-25)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,7 @@ from gradaccum.checkpoint import RawTensor, read_checkpoint, validate_checkpoint
 from gradaccum.errors import CheckpointChecksumError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-v1-minimal"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "checkpoint-v2-minimal"
 
 # The SHA-256 of each frozen file: a change here means the fixture was edited.
 FROZEN = {
@@ -22,15 +25,25 @@ FROZEN = {
 }
 
 
+# The same for the format-version-2 fixture (its tensor files are the v1 fixture's bytes).
+FROZEN_V2 = {
+    "manifest.json": "7059522d5545c4fa2049731b87f7ba4ed397bdbaa3240eac98b2e5c2bc884ca0",
+    "manifest.sha256": "cb6c645fcec401b20acc0a016f928028b54a7903359516a1ddc4f989cf14ca4a",
+    "gradients.safetensors": FROZEN["gradients.safetensors"],
+    "optimizer.safetensors": FROZEN["optimizer.safetensors"],
+}
+
+
 def f32(shape: tuple[int, ...], *values: float) -> RawTensor:
     return RawTensor("F32", shape, struct.pack(f"<{len(values)}f", *values))
 
 
-def test_fixture_is_untouched() -> None:
-    """CKPT-16: the fixture is frozen: its files are exactly those written once."""
-    assert {p.name for p in FIXTURE.iterdir()} == set(FROZEN)
-    for name, digest in FROZEN.items():
-        assert hashlib.sha256((FIXTURE / name).read_bytes()).hexdigest() == digest, name
+@pytest.mark.parametrize(("fixture", "frozen"), [(FIXTURE, FROZEN), (FIXTURE_V2, FROZEN_V2)])
+def test_fixture_is_untouched(fixture: Path, frozen: dict[str, str]) -> None:
+    """CKPT-16: each fixture is frozen: its files are exactly those written once."""
+    assert {p.name for p in fixture.iterdir()} == set(frozen)
+    for name, digest in frozen.items():
+        assert hashlib.sha256((fixture / name).read_bytes()).hexdigest() == digest, name
 
 
 def test_v1_fixture_reads_with_exact_values() -> None:
@@ -42,6 +55,36 @@ def test_v1_fixture_reads_with_exact_values() -> None:
     assert (m.format_version, m.spec_version) == (1, "1.0.0")
     assert (ck.producer.name, ck.producer.version) == ("gradaccum-torch", "0.1.0")
     assert m.created_unix == 1795390677.9731083
+    assert not ck.manifest_protected
+    assert_fixture_values(ck)
+    assert m.files["gradients"].sha256 == FROZEN["gradients.safetensors"]
+
+
+def test_v2_fixture_reads_with_exact_values() -> None:
+    """CKPT-16, CKPT-25: the format-version-2 fixture reads, validates and
+    yields exactly the values it was written with — the v1 fixture's — and
+    records each file's header digest instead of its whole-file digest."""
+    ck = read_checkpoint(FIXTURE_V2)
+    m = ck.manifest
+    assert validate_checkpoint(FIXTURE_V2) == m
+    assert (m.format_version, m.spec_version) == (2, "2.0.0")
+    assert (ck.producer.name, ck.producer.version) == ("gradaccum", "0.1.0")
+    assert m.created_unix == 1795994366.5574777
+    assert ck.manifest_protected
+    assert_fixture_values(ck)
+    assert {role: e.header_sha256 for role, e in m.files.items()} == {
+        "gradients": "94d8a0b94d95b590feabeedbe3b228ab9a091be5af2350f699702380ef58663e",
+        "optimizer": "5ebc94df29a736534789c2a4a3a9316c3a51308e71ad4d7d744abf22e737a1a0",
+    }
+    assert all(e.sha256 is None for e in m.files.values())
+    v1 = read_checkpoint(FIXTURE).manifest
+    for role, entry in m.files.items():
+        assert entry.tensors == v1.files[role].tensors
+
+
+def assert_fixture_values(ck: Any) -> None:
+    """The values both fixtures were written with."""
+    m = ck.manifest
     assert ck.world_size == 1
     assert dict(ck.state) == {
         "version": 1,
@@ -90,7 +133,6 @@ def test_v1_fixture_reads_with_exact_values() -> None:
         "state.fc.weight.step": RawTensor("I64", (), struct.pack("<q", 2)),
     }
     assert {role: e.size for role, e in m.files.items()} == {"gradients": 172, "optimizer": 232}
-    assert m.files["gradients"].sha256 == FROZEN["gradients.safetensors"]
 
 
 def test_v1_fixture_resumes_in_the_core() -> None:
@@ -105,12 +147,23 @@ def test_v1_fixture_resumes_in_the_core() -> None:
     assert (state.position, state.window_size, state.micro_steps) == (3, 4, 11)
 
 
-def test_a_corrupted_copy_of_the_fixture_is_refused(tmp_path: Path) -> None:
-    """CKPT-7: the same bytes with one bit flipped are refused."""
+@pytest.mark.parametrize(
+    ("fixture", "match"),
+    [
+        (FIXTURE, r"file 'optimizer\.safetensors' has SHA-256"),
+        (FIXTURE_V2, r"tensor 'state\.fc\.weight\.exp_avg' in 'optimizer\.safetensors' has SHA"),
+    ],
+)
+def test_a_corrupted_copy_of_the_fixture_is_refused(
+    tmp_path: Path, fixture: Path, match: str
+) -> None:
+    """CKPT-7, CKPT-25: the same bytes with one bit flipped are refused (format
+    1 by the whole-file digest, format 2 by the digest of the tensor holding
+    the byte)."""
     copy = tmp_path / "copy"
-    shutil.copytree(FIXTURE, copy)
+    shutil.copytree(fixture, copy)
     blob = bytearray((copy / "optimizer.safetensors").read_bytes())
     blob[-1] ^= 0x01
     (copy / "optimizer.safetensors").write_bytes(blob)
-    with pytest.raises(CheckpointChecksumError, match=r"'optimizer\.safetensors' has SHA-256"):
+    with pytest.raises(CheckpointChecksumError, match=match):
         read_checkpoint(copy)

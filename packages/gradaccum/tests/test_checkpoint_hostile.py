@@ -103,11 +103,17 @@ def set_manifest_text(ckpt: Path, text: str) -> None:
 
 
 def rehash_file(ckpt: Path, role: str) -> None:
-    """Record the edited file's size and SHA-256 in the manifest, reseal it."""
+    """Record the edited file's size and digest — format 1: of the whole
+    file; format 2: of its length prefix and header (CKPT-25) — in the
+    manifest, reseal it."""
     blob = (ckpt / f"{role}.safetensors").read_bytes()
     doc = json.loads((ckpt / "manifest.json").read_text())
     doc["files"][role]["size"] = len(blob)
-    doc["files"][role]["sha256"] = hashlib.sha256(blob).hexdigest()
+    if doc["format_version"] == 1:
+        doc["files"][role]["sha256"] = hashlib.sha256(blob).hexdigest()
+    else:
+        n = int.from_bytes(blob[:8], "little")
+        doc["files"][role]["header_sha256"] = hashlib.sha256(blob[: 8 + n]).hexdigest()
     set_manifest_text(ckpt, json.dumps(doc))
 
 
@@ -407,10 +413,22 @@ def test_malformed_sidecar_refused(ckpt: Path, sidecar: bytes) -> None:
     refused(ckpt, r"manifest.sha256 is .* not '<64 lowercase hex digits>  manifest.json")
 
 
-def test_deleted_sidecar_of_new_manifest_refused(ckpt: Path) -> None:
-    """CKPT-21: a spec-1.2.0 manifest without its manifest.sha256 is refused."""
+def test_deleted_sidecar_of_new_manifest_refused(ckpt: Path, tmp_path: Path) -> None:
+    """CKPT-21, CKPT-25: a spec-2.0.0 manifest (format 2) and a spec-1.2.0
+    one (format 1) without their manifest.sha256 are refused."""
     (ckpt / "manifest.sha256").unlink()
-    refused(ckpt, r"says spec 1\.2\.0, whose checkpoints always have manifest.sha256")
+    refused(ckpt, r"says spec 2\.0\.0, whose checkpoints always have manifest.sha256")
+    old = tmp_path / "format1"
+    write_checkpoint(
+        old,
+        state=STATE,
+        config=CONFIG,
+        files={"gradients": encode_safetensors(GRADIENTS)},
+        producer=PRODUCER,
+        format_version=1,
+    )
+    (old / "manifest.sha256").unlink()
+    refused(old, r"says spec 1\.2\.0, whose checkpoints always have manifest.sha256")
 
 
 def test_old_checkpoint_without_sidecar_reads_unprotected(

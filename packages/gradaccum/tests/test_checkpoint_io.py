@@ -128,34 +128,57 @@ def edit_manifest(ckpt: Path, edit: Any) -> None:
     reseal(ckpt)
 
 
+def version_of(ckpt: Path) -> int:
+    version: int = json.loads((ckpt / "manifest.json").read_text())["format_version"]
+    return version
+
+
+def recorded_digest(blob: bytes, version: int) -> str:
+    """What the manifest records for a file of these bytes: the SHA-256 of
+    all of them (format 1, CKPT-7) or of the length prefix and header
+    (format 2, CKPT-25)."""
+    if version == 1:
+        return hashlib.sha256(blob).hexdigest()
+    (n,) = struct.unpack("<Q", blob[:8])
+    return hashlib.sha256(blob[: 8 + min(n, 100_000_000)]).hexdigest()
+
+
 def rehash(ckpt: Path, role: str) -> None:
-    """Make the manifest's size and file SHA-256 match a file edited on purpose,
-    so that the checks behind them are reached."""
+    """Make the manifest's size and file (format 1) or header (format 2)
+    SHA-256 match a file edited on purpose, so that the checks behind them
+    are reached."""
     blob = (ckpt / f"{role}.safetensors").read_bytes()
+    version = version_of(ckpt)
 
     def edit(doc: dict[str, Any]) -> None:
         doc["files"][role]["size"] = len(blob)
-        doc["files"][role]["sha256"] = hashlib.sha256(blob).hexdigest()
+        key = "sha256" if version == 1 else "header_sha256"
+        doc["files"][role][key] = recorded_digest(blob, version)
 
     edit_manifest(ckpt, edit)
 
 
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
+@pytest.fixture(params=[2, 1], ids=["v2", "v1"])
+def ckpt(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A checkpoint of each format version this release writes: every test
+    of a damaged checkpoint runs against both readers."""
     path = tmp_path / "ckpt"
-    write(path)
+    write(path, format_version=request.param)
     return path
 
 
 # --------------------------------------------------------------------------- round trip
 
 
-def test_round_trip(tmp_path: Path) -> None:
-    """CKPT-1, CKPT-7, CKPT-9, CKPT-11: what is written is read back exactly,
-    and every recorded SHA-256 equals hashlib's."""
+@pytest.mark.parametrize("version", [2, 1])
+def test_round_trip(tmp_path: Path, version: int) -> None:
+    """CKPT-1, CKPT-7, CKPT-9, CKPT-11, CKPT-25: what is written is read back
+    exactly, and every recorded SHA-256 equals hashlib's — format 2 (the
+    default) records the header's and the tensors', format 1 (on request)
+    the whole file's and the tensors'."""
     path = tmp_path / "ckpt"
     before = time.time()
-    written = write(path)
+    written = write(path, **({} if version == 2 else {"format_version": 1}))
     after = time.time()
     ck = read_checkpoint(path)
     assert sorted(os.listdir(path)) == [
@@ -172,8 +195,10 @@ def test_round_trip(tmp_path: Path) -> None:
     assert ck.producer == PRODUCER
     assert ck.world_size == 2
     assert ck.roles == ("gradients", "gradients.rank1", "optimizer")
-    assert ck.manifest.format_version == FORMAT_VERSION == 1
-    assert ck.manifest.spec_version == SPEC_VERSION == "1.2.0"
+    assert FORMAT_VERSION == 2
+    assert SPEC_VERSION == "2.0.0"
+    assert ck.manifest.format_version == version
+    assert ck.manifest.spec_version == {1: "1.2.0", 2: "2.0.0"}[version]
     assert before <= ck.manifest.created_unix <= after
     assert ck.path == path
     assert ck.source == path
@@ -182,8 +207,14 @@ def test_round_trip(tmp_path: Path) -> None:
         entry = ck.manifest.files[role]
         assert entry.path == f"{role}.safetensors"
         assert entry.size == len(blob)
-        assert entry.sha256 == hashlib.sha256(blob).hexdigest()
         header = read_safetensors_header(blob)
+        if version == 1:
+            assert entry.sha256 == hashlib.sha256(blob).hexdigest()
+            assert entry.header_sha256 is None
+        else:
+            assert entry.sha256 is None
+            assert entry.header_sha256 == hashlib.sha256(blob[: header.data_start]).hexdigest()
+        assert entry.format_version == version
         for name, tensor in entry.tensors.items():
             info = header.tensors[name]
             data = blob[header.data_start + info.begin : header.data_start + info.end]
@@ -364,20 +395,61 @@ def test_truncated_file(ckpt: Path) -> None:
 
 @pytest.mark.parametrize("offset", [-1, 12], ids=["data-byte", "header-byte"])
 def test_flipped_byte(ckpt: Path, offset: int) -> None:
-    """CKPT-7, CKPT-17: one flipped byte, in the data or in the header, fails the
-    file's SHA-256; the message names both digests and the fix."""
+    """CKPT-7, CKPT-17, CKPT-25: one flipped byte, in the data or in the
+    header, fails a SHA-256 — format 1: the file's; format 2: the header's
+    or the last tensor's —; the message names both digests and the fix."""
     f = ckpt / "gradients.safetensors"
     blob = bytearray(f.read_bytes())
-    recorded = hashlib.sha256(blob).hexdigest()
+    header = read_safetensors_header(bytes(blob))
+    last = max(header.tensors, key=lambda n: header.tensors[n].end)
+    span = slice(header.data_start + header.tensors[last].begin, len(blob))
+    version = version_of(ckpt)
+    if version == 1 or offset == 12:
+        recorded = recorded_digest(bytes(blob), version)
+    else:
+        recorded = hashlib.sha256(blob[span]).hexdigest()
     blob[offset] ^= 0x01
     f.write_bytes(blob)
-    actual = hashlib.sha256(blob).hexdigest()
-    with pytest.raises(CheckpointChecksumError) as info:
-        read_checkpoint(ckpt)
-    msg = str(info.value)
-    assert f"'gradients.safetensors' has SHA-256 {actual[:16]}" in msg
-    assert f"but the manifest records {recorded[:16]}" in msg
-    assert "restore it from a copy or take a new checkpoint" in msg
+    if version == 1:
+        what, actual = "file 'gradients.safetensors'", hashlib.sha256(blob).hexdigest()
+    elif offset == 12:
+        what = "the header of file 'gradients.safetensors'"
+        actual = recorded_digest(bytes(blob), 2)
+    else:
+        what = f"tensor '{last}' in 'gradients.safetensors'"
+        actual = hashlib.sha256(blob[span]).hexdigest()
+    for read in (read_checkpoint, validate_checkpoint):
+        with pytest.raises(CheckpointChecksumError) as info:
+            read(ckpt)
+        msg = str(info.value)
+        assert f"{what} has SHA-256 {actual[:16]}" in msg
+        assert f"but the manifest records {recorded[:16]}" in msg
+        assert "restore it from a copy or take a new checkpoint" in msg
+
+
+def test_every_byte_is_covered(ckpt: Path) -> None:
+    """CKPT-7, CKPT-25: flipping any single byte of a tensor file — length
+    prefix, header, padding or data — is refused with CheckpointChecksumError
+    by every reader; in format 2 the header digest and the tensors' digests
+    cover the file exactly once between them (their spans tile it)."""
+    f = ckpt / "optimizer.safetensors"
+    original = f.read_bytes()
+    header = read_safetensors_header(original)
+    spans = sorted(
+        [(0, header.data_start)]
+        + [(header.data_start + t.begin, header.data_start + t.end) for t in header.tensors.values()]
+    )
+    assert spans[0][0] == 0 and spans[-1][1] == len(original)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    for offset in range(len(original)):
+        damaged = bytearray(original)
+        damaged[offset] ^= 0x20
+        f.write_bytes(damaged)
+        for read in (read_checkpoint, validate_checkpoint):
+            with pytest.raises(CheckpointChecksumError):
+                read(ckpt)
+    f.write_bytes(original)
+    assert read_checkpoint(ckpt).tensors("optimizer") == OPTIMIZER
 
 
 def test_flipped_data_byte_with_consistent_file_hash(ckpt: Path) -> None:
@@ -426,10 +498,10 @@ def test_malformed_header_with_consistent_hash(ckpt: Path) -> None:
     ("value", "error", "match"),
     [
         (
-            2,
+            3,
             CheckpointVersionError,
-            r"format version 2 is not supported; this release reads "
-            r"format version\(s\) 1; upgrade gradaccum",
+            r"format version 3 is not supported; this release reads "
+            r"format version\(s\) 1, 2; upgrade gradaccum",
         ),
         (0, CheckpointVersionError, r"format version 0 is not supported.*upgrade gradaccum"),
         ("1", CheckpointCorruptError, r"'format_version' is '1' \(str\), expected an integer"),
@@ -564,8 +636,10 @@ def _state_edit(**changes: Any) -> Any:
         ),
         (lambda d: d["config"].pop("schedule"), r"at \$\.config: missing required key 'schedule'"),
         (
-            lambda d: d["files"]["gradients"].update(sha256="A" * 64),
-            r"at \$\.files\.gradients\.sha256: \"A{64}\" does not match",
+            lambda d: d["files"]["gradients"].update(
+                {k: "A" * 64 for k in ("sha256", "header_sha256") if k in d["files"]["gradients"]}
+            ),
+            r"at \$\.files\.gradients\.(header_)?sha256: \"A{64}\" does not match",
         ),
         (lambda d: d["metadata"].update({"Bad Role": 1}), r"at \$\.metadata: unexpected key"),
     ],

@@ -24,9 +24,12 @@ PACKAGE_SCHEMA = TESTS.parent / "src" / "gradaccum" / "schemas" / "checkpoint-v1
 SPEC_SCHEMA = REPO / "spec" / "checkpoint-v1.schema.json"
 FIXTURE_MANIFEST = TESTS / "fixtures" / "checkpoint-v1-minimal" / "manifest.json"
 
-SCHEMA = manifest_schema()
+SCHEMA = manifest_schema(1)
 OURS = SchemaValidator(SCHEMA)
 THEIRS = jsonschema.Draft202012Validator(SCHEMA)
+SCHEMA_V2 = manifest_schema(2)
+OURS_V2 = SchemaValidator(SCHEMA_V2)
+THEIRS_V2 = jsonschema.Draft202012Validator(SCHEMA_V2)
 
 
 def _base() -> dict[str, Any]:
@@ -42,15 +45,47 @@ def _theirs_paths(instance: Any) -> set[str]:
     return {e.json_path for e in THEIRS.iter_errors(instance)}
 
 
-def test_schema_in_package_and_spec_are_byte_identical() -> None:
-    """CKPT-2: the schema shipped in the wheel is the one in spec/."""
-    assert PACKAGE_SCHEMA.read_bytes() == SPEC_SCHEMA.read_bytes()
+@pytest.mark.parametrize("version", [1, 2])
+def test_schema_in_package_and_spec_are_byte_identical(version: int) -> None:
+    """CKPT-2: the schema of each format version shipped in the wheel is the one in spec/."""
+    name = f"checkpoint-v{version}.schema.json"
+    assert (PACKAGE_SCHEMA.parent / name).read_bytes() == (SPEC_SCHEMA.parent / name).read_bytes()
+    assert manifest_schema(version) == json.loads((SPEC_SCHEMA.parent / name).read_text())
 
 
-def test_schema_is_a_valid_draft_2020_12_schema() -> None:
-    """CKPT-2: the schema itself is valid JSON Schema 2020-12."""
-    jsonschema.Draft202012Validator.check_schema(SCHEMA)
-    assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+@pytest.mark.parametrize("schema", [SCHEMA, SCHEMA_V2], ids=["v1", "v2"])
+def test_schema_is_a_valid_draft_2020_12_schema(schema: dict[str, Any]) -> None:
+    """CKPT-2: each schema itself is valid JSON Schema 2020-12."""
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_v2_schema_differs_from_v1_only_where_ckpt_25_says() -> None:
+    """CKPT-25: the format-2 schema is the format-1 schema with
+    ``format_version`` 2 and each file's ``sha256`` replaced by
+    ``header_sha256`` (tensor entries unchanged); nothing else differs."""
+    v1, v2 = manifest_schema(1), manifest_schema(2)
+    assert v2["properties"]["format_version"] == {"const": 2}
+    assert v1["properties"]["format_version"] == {"const": 1}
+    f1, f2 = v1["$defs"]["file"], v2["$defs"]["file"]
+    assert f1["required"] == ["path", "size", "sha256", "tensors"]
+    assert f2["required"] == ["path", "size", "header_sha256", "tensors"]
+    assert f2["properties"]["header_sha256"] == f1["properties"]["sha256"]
+    assert {k: v for k, v in f2["properties"].items() if k != "header_sha256"} == {
+        k: v for k, v in f1["properties"].items() if k != "sha256"
+    }
+    for schema in (v1, v2):
+        for key in ("$id", "title", "description"):
+            del schema[key]
+        del schema["properties"]["format_version"]
+        del schema["$defs"]["file"]
+    assert v1 == v2
+
+
+@pytest.mark.parametrize("bad", [0, 3, "2", True, None])
+def test_manifest_schema_refuses_unknown_versions(bad: Any) -> None:
+    with pytest.raises(UsageError, match="format_version"):
+        manifest_schema(bad)
 
 
 def _set(path: tuple[str | int, ...], value: Any) -> Callable[[dict[str, Any]], None]:
@@ -184,6 +219,55 @@ def test_same_verdict_as_jsonschema(
     if path is not None:
         assert path in _paths(ours)
         assert all(str(e).startswith(f"at {e.path}: ") for e in ours)
+
+
+def _base_v2() -> dict[str, Any]:
+    doc = _base()
+    doc["format_version"] = 2
+    doc["spec_version"] = "2.0.0"
+    for entry in doc["files"].values():
+        entry["header_sha256"] = entry.pop("sha256")
+    return doc
+
+
+CORPUS_V2: list[tuple[str, Callable[[dict[str, Any]], None], str | None]] = [
+    ("unchanged", lambda d: None, None),
+    ("no files", _set(("files",), {}), None),
+    ("format_version 1", _set(("format_version",), 1), "$.format_version"),
+    ("whole-file sha256 added", _set((*_G, "sha256"), "a" * 64), "$.files.gradients"),
+    ("header digest missing", _delete((*_G, "header_sha256")), "$.files.gradients"),
+    (
+        "header digest upper",
+        _set((*_G, "header_sha256"), "A" * 64),
+        "$.files.gradients.header_sha256",
+    ),
+    ("tensor digest missing", _delete((*_T, "sha256")), "$.files.gradients.tensors['fc.weight']"),
+    (
+        "v1 file entry",
+        _set(
+            ("files", "gradients.rank1"),
+            {"path": "gradients.rank1.safetensors", "size": 8, "sha256": "a" * 64, "tensors": {}},
+        ),
+        "$.files['gradients.rank1']",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path"), [(m, p) for _, m, p in CORPUS_V2], ids=[name for name, _, _ in CORPUS_V2]
+)
+def test_v2_same_verdict_as_jsonschema(
+    mutate: Callable[[dict[str, Any]], None], path: str | None
+) -> None:
+    """CKPT-2, CKPT-25: on format-2 manifests too, our validator and
+    ``jsonschema`` agree — verdict and the JSON paths of the failures."""
+    doc = _base_v2()
+    mutate(doc)
+    ours = list(OURS_V2.iter_errors(doc))
+    assert OURS_V2.is_valid(doc) == THEIRS_V2.is_valid(doc) == (path is None)
+    assert _paths(ours) == {e.json_path for e in THEIRS_V2.iter_errors(doc)}
+    if path is not None:
+        assert path in _paths(ours)
 
 
 def test_messages_name_expected_and_seen() -> None:

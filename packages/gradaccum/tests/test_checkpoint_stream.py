@@ -119,7 +119,12 @@ def test_streamed_file_is_byte_identical_to_encoded(tmp_path: Path) -> None:
     blob = (tmp_path / "s" / "gradients.safetensors").read_bytes()
     assert blob == expected
     entry = manifest.files["gradients"]
-    assert (entry.size, entry.sha256) == (len(blob), hashlib.sha256(blob).hexdigest())
+    header_end = 8 + int.from_bytes(blob[:8], "little")
+    assert (entry.size, entry.sha256, entry.header_sha256) == (
+        len(blob),
+        None,
+        hashlib.sha256(blob[:header_end]).hexdigest(),
+    )
     ck = read_checkpoint(tmp_path / "s")
     assert ck.manifest == manifest
     assert ck.tensors("gradients") == raw_tensors()
@@ -150,6 +155,82 @@ def test_streamed_wrong_length_leaves_nothing(tmp_path: Path) -> None:
     bad["fc.bias"] = TensorSource("F32", (3,), b"\x00" * 11)
     with pytest.raises(UsageError, match=r"tensor 'fc.bias'.*needs 12 bytes of data, got 11"):
         write_checkpoint(path, state=STATE, config=CONFIG, files={"g": bad}, producer=PRODUCER)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_large_streamed_file_hashes_on_helper_threads(tmp_path: Path, version: int) -> None:
+    """CKPT-7, CKPT-22, CKPT-25: a file large enough to be hashed on helper
+    threads while it is written (24 MiB of 40 tensors, each produced by a
+    callable called once, in order) records exactly hashlib's digests —
+    format 2 the header's and each tensor's, format 1 also the whole file's
+    —, reads back, and equals the file written from its bytes."""
+    rng = __import__("random").Random(25)
+    tensors = {
+        f"t{i:02d}": RawTensor("U8", (n,), rng.randbytes(n))
+        for i, n in enumerate(rng.choice([1, 4096, 600_000, 1_200_000]) for _ in range(40))
+    }
+    assert sum(len(t.data) for t in tensors.values()) > 16 * 1024 * 1024
+    calls: list[str] = []
+    manifest = write_checkpoint(
+        tmp_path / "s",
+        state=STATE,
+        config=CONFIG,
+        files={"model": sources(tensors, calls)},
+        producer=PRODUCER,
+        format_version=version,
+    )
+    blob = (tmp_path / "s" / "model.safetensors").read_bytes()
+    assert blob == encode_safetensors(tensors)
+    header_end = 8 + int.from_bytes(blob[:8], "little")
+    order = sorted(tensors, key=lambda n: (-1, n))  # one dtype: by name
+    assert calls == order
+    entry = manifest.files["model"]
+    if version == 1:
+        assert entry.sha256 == hashlib.sha256(blob).hexdigest()
+        assert entry.header_sha256 is None
+    else:
+        assert entry.sha256 is None
+        assert entry.header_sha256 == hashlib.sha256(blob[:header_end]).hexdigest()
+    for name, t in tensors.items():
+        assert entry.tensors[name].sha256 == hashlib.sha256(t.data).hexdigest()
+    assert read_checkpoint(tmp_path / "s").tensors("model") == tensors
+    from_bytes = write_checkpoint(
+        tmp_path / "b",
+        state=STATE,
+        config=CONFIG,
+        files={"model": blob},
+        producer=PRODUCER,
+        format_version=version,
+    )
+    assert from_bytes.files == manifest.files
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_source_failing_while_hashed_ahead_leaves_nothing(tmp_path: Path, version: int) -> None:
+    """CKPT-12, CKPT-22: when a callable source fails after earlier tensors
+    were handed to the hashing threads, its error reaches the caller, the
+    threads are joined (nothing hangs) and the previous checkpoint is unchanged."""
+    path = tmp_path / "ckpt"
+    write_checkpoint(path, state=STATE, config=CONFIG, files={}, producer=PRODUCER)
+    before = tree(tmp_path)
+    files: dict[str, Any] = {
+        f"t{i}": TensorSource("U8", (4 * 1024 * 1024,), bytes(4 * 1024 * 1024)) for i in range(6)
+    }
+
+    def broken() -> bytes:
+        raise OSError(28, "No space left on device")
+
+    files["t3"] = TensorSource("U8", (4 * 1024 * 1024,), broken)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        write_checkpoint(
+            path,
+            state=STATE,
+            config=CONFIG,
+            files={"model": files},
+            producer=PRODUCER,
+            format_version=version,
+        )
     assert tree(tmp_path) == before
 
 
@@ -303,21 +384,27 @@ def shard_files(rank: int) -> dict[str, Any]:
     return {f"gradients.rank{rank}": sources(raw_tensors(1.0 + rank))}
 
 
-def test_sharded_write_round_trip(tmp_path: Path) -> None:
-    """CKPT-12, CKPT-22: rank 0 stages, each rank writes its own file into
-    the shared staging directory, rank 0 commits the entries it gathered
+@pytest.mark.parametrize("version", [2, 1])
+def test_sharded_write_round_trip(tmp_path: Path, version: int) -> None:
+    """CKPT-12, CKPT-22, CKPT-25: rank 0 stages, each rank writes its own file
+    into the shared staging directory, rank 0 commits the entries it gathered
     (sent as JSON): the result reads back exactly, byte-identical to the
-    single-writer checkpoint of the same files."""
+    single-writer checkpoint of the same files, in either format version."""
     path = tmp_path / "ckpt"
     state = dict(STATE)
     stage_checkpoint(path, token=TOKEN, state=state, config=CONFIG, producer=PRODUCER, world_size=2)
     assert (tmp_path / f".ckpt.tmp-{TOKEN}").is_dir()
     gathered: dict[str, Any] = {}
     for rank in (1, 0):  # any order
-        entries = write_shard(path, token=TOKEN, files=shard_files(rank))
+        entries = write_shard(path, token=TOKEN, files=shard_files(rank), format_version=version)
         gathered.update(decode_file_entries(encode_file_entries(entries)))
     gathered.update(
-        write_shard(path, token=TOKEN, files={"model": encode_safetensors(raw_tensors(9.0))})
+        write_shard(
+            path,
+            token=TOKEN,
+            files={"model": encode_safetensors(raw_tensors(9.0))},
+            format_version=version,
+        )
     )
     manifest = commit_checkpoint(
         path,
@@ -332,6 +419,7 @@ def test_sharded_write_round_trip(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     ck = read_checkpoint(path)
     assert ck.manifest == manifest
+    assert ck.manifest.format_version == version
     assert ck.roles == ("gradients.rank0", "gradients.rank1", "model")
     for rank in (0, 1):
         assert ck.tensors(f"gradients.rank{rank}") == raw_tensors(1.0 + rank)
@@ -346,6 +434,7 @@ def test_sharded_write_round_trip(tmp_path: Path) -> None:
         },
         producer=PRODUCER,
         world_size=2,
+        format_version=version,
     )
     assert single.files == manifest.files
 
@@ -377,11 +466,22 @@ def test_sharded_failures_leave_previous(tmp_path: Path) -> None:
     e0 = write_shard(path, token=TOKEN, files=shard_files(0))
     e1 = write_shard(path, token=TOKEN, files=shard_files(1))
     e1["gradients.rank1"] = e0["gradients.rank0"].__class__(
-        "gradients.rank1.safetensors", e1["gradients.rank1"].size, "ab" * 32,
-        e1["gradients.rank1"].tensors,
+        "gradients.rank1.safetensors", e1["gradients.rank1"].size, None,
+        e1["gradients.rank1"].tensors, "ab" * 32,
     )  # fmt: skip
-    with pytest.raises(CheckpointChecksumError, match=r"'gradients\.rank1\.safetensors' has SHA"):
+    with pytest.raises(
+        CheckpointChecksumError, match=r"header of file 'gradients\.rank1\.safetensors' has SHA"
+    ):
         commit_checkpoint(path, entries={**e0, **e1}, verify=True, **kwargs)
+    assert tree(tmp_path) == before
+
+    # shards of different format versions cannot make one checkpoint
+    stage_checkpoint(path, **kwargs)
+    e0 = write_shard(path, token=TOKEN, files=shard_files(0))
+    e1 = write_shard(path, token=TOKEN, files=shard_files(1), format_version=1)
+    assert (e0["gradients.rank0"].format_version, e1["gradients.rank1"].format_version) == (2, 1)
+    with pytest.raises(UsageError, match="write every shard with the same format_version"):
+        commit_checkpoint(path, entries={**e0, **e1}, **kwargs)
     assert tree(tmp_path) == before
 
     stage_checkpoint(path, **kwargs)

@@ -124,7 +124,7 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert "(checkpoint format 1, spec 1.2.0)" in capsys.readouterr().out
+    assert "(checkpoint format 2, spec 2.0.0)" in capsys.readouterr().out
 
 
 def test_python_dash_m(corrupted: Path) -> None:

@@ -81,8 +81,9 @@ def f32(shape: tuple[int, ...], start: float) -> RawTensor:
     return RawTensor("F32", shape, struct.pack(f"<{n}f", *(start + 0.5 * i for i in range(n))))
 
 
-def build(path: Path) -> None:
-    """A real mid-window checkpoint of a 2-rank run, written by the core."""
+def build(path: Path, version: int = 2) -> None:
+    """A real mid-window checkpoint of a 2-rank run, written by the core in
+    format ``version``."""
     params = {"enc.weight": f32((4, 3), 0.0), "enc.bias": f32((4,), 1.0), "head": f32((2, 4), 2.0)}
     items = {"items": RawTensor("F64", (), struct.pack("<d", 48.0))}
     write_checkpoint(
@@ -106,6 +107,7 @@ def build(path: Path) -> None:
         },
         producer=Producer("gradaccum-ddp", "0.1.0"),
         world_size=2,
+        format_version=version,
         metadata={
             "model": {"aliases": {}},
             "optimizer": {
@@ -196,7 +198,11 @@ def _rehash(path: Path, role: str) -> None:
     doc = json.loads((path / "manifest.json").read_text())
     entry = doc["files"][role]
     entry["size"] = len(blob)
-    entry["sha256"] = hashlib.sha256(blob).hexdigest()
+    if "header_sha256" in entry:  # format 2: the length prefix and header (CKPT-25)
+        n = int.from_bytes(blob[:8], "little")
+        entry["header_sha256"] = hashlib.sha256(blob[: 8 + min(n, len(blob))]).hexdigest()
+    else:
+        entry["sha256"] = hashlib.sha256(blob).hexdigest()
     (path / "manifest.json").write_text(json.dumps(doc))
     _reseal(path)
 
@@ -346,14 +352,15 @@ def _examples() -> int:
     return int(os.environ.get("GRADACCUM_FUZZ_EXAMPLES", "300"))
 
 
-def test_fuzz_checkpoint_reader_and_commands(tmp_path: Path) -> None:
-    """CKPT-17, CKPT-20, CKPT-21: GRADACCUM_FUZZ_EXAMPLES seeded mutations
-    of a real mid-window checkpoint are each accepted or refused with a
-    CheckpointError, the same way by every reader and both commands; at
-    least one in ten is refused by the manifest checksum and the accepted
-    share stays small (a mutation is almost always a defect)."""
+@pytest.mark.parametrize("version", [2, 1], ids=["v2", "v1"])
+def test_fuzz_checkpoint_reader_and_commands(tmp_path: Path, version: int) -> None:
+    """CKPT-17, CKPT-20, CKPT-21, CKPT-25: GRADACCUM_FUZZ_EXAMPLES seeded
+    mutations of a real mid-window checkpoint of each format version are each
+    accepted or refused with a CheckpointError, the same way by every reader
+    and both commands; at least one in ten is refused by the manifest checksum
+    and the accepted share stays small (a mutation is almost always a defect)."""
     base = tmp_path / "base"
-    build(base)
+    build(base, version)
     assert judge(base) == "accepted"
     rng = random.Random(8_2026_11_29)
     outcomes: Counter[str] = Counter()

@@ -455,17 +455,22 @@ def _prepare(acc: Accumulator, ckpt: Checkpoint, rank: int, where: str) -> LoadP
 @contextlib.contextmanager
 def _verified_views(ckpt: Checkpoint, role: str) -> Iterator[dict[str, torch.Tensor]]:
     """``role``'s tensors as read-only views of its mapped file, every byte
-    verified against the manifest first (CKPT-7): the file's SHA-256, one
-    pass (the header was checked against the manifest's tensor index when the
+    verified against the manifest first, in one pass (CKPT-7, CKPT-25): format
+    2 hashes the header and the tensors (on two threads), format 1 the whole
+    file (the header was checked against the manifest's tensor index when the
     file was opened; the per-tensor digests cover a subset of the same bytes)."""
     entry = ckpt.manifest.files[role]
+    if entry.header_sha256 is not None:
+        with ckpt.open_file(role, verify=True) as tf:
+            yield tensor_views(tf)
+        return
     with ckpt.open_file(role, verify=False) as tf:
         digest = hashlib.sha256(tf.buffer).hexdigest()
         if digest != entry.sha256:
             raise CheckpointChecksumError(
                 f"checkpoint at '{ckpt.path}': file {entry.path!r} has SHA-256 {digest[:16]}… "
-                f"but the manifest records {entry.sha256[:16]}…; the file is corrupt — restore "
-                f"it from a copy or take a new checkpoint"
+                f"but the manifest records {(entry.sha256 or '')[:16]}…; the file is corrupt — "
+                "restore it from a copy or take a new checkpoint"
             )
         yield tensor_views(tf)
 

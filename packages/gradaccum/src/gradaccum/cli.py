@@ -215,10 +215,17 @@ def _summary(ckpt: Checkpoint, out: TextIO) -> None:
     if not m.files:
         out.write("  (none)\n")
     else:
+        digest = "sha256" if m.format_version == 1 else "header sha256"
         _table(
-            [("role", "file", "bytes", "tensors", "sha256")]
+            [("role", "file", "bytes", "tensors", digest)]
             + [
-                (role, e.path, str(e.size), str(len(e.tensors)), e.sha256[:16] + "…")
+                (
+                    role,
+                    e.path,
+                    str(e.size),
+                    str(len(e.tensors)),
+                    (e.sha256 or e.header_sha256 or "")[:16] + "…",
+                )
                 for role, e in m.files.items()
             ],
             out,

@@ -53,6 +53,7 @@ __all__ = [
     "PROTECTED_SINCE",
     "ROLE_PATTERN",
     "SPEC_VERSION",
+    "SPEC_VERSIONS",
     "STATE_KEYS",
     "SUPPORTED_FORMAT_VERSIONS",
     "FileEntry",
@@ -70,12 +71,15 @@ __all__ = [
     "validate_manifest_dict",
 ]
 
-#: The format version this release writes.
-FORMAT_VERSION = 1
-#: The version of ``spec/checkpoint-v1.md`` this release implements.
-SPEC_VERSION = "1.2.0"
-#: Every format version this release reads.
-SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1})
+#: The format version this release writes by default (``spec/checkpoint-v2.md``).
+FORMAT_VERSION = 2
+#: The spec version written into a manifest of each format version this
+#: release writes (``spec/checkpoint-v1.md`` and ``spec/checkpoint-v2.md``).
+SPEC_VERSIONS: Mapping[int, str] = MappingProxyType({1: "1.2.0", 2: "2.0.0"})
+#: The spec version of the default format version's manifests.
+SPEC_VERSION = SPEC_VERSIONS[FORMAT_VERSION]
+#: Every format version this release reads (and can write).
+SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1, 2})
 #: The value of the manifest's ``"format"`` key.
 FORMAT_NAME = "gradaccum-checkpoint"
 #: The manifest's file name inside a checkpoint directory.
@@ -129,24 +133,45 @@ class TensorEntry:
 @dataclass(frozen=True)
 class FileEntry:
     """One tensor file: ``path`` (``<role>.safetensors``), ``size`` in bytes,
-    the file's SHA-256 and its tensors by canonical name."""
+    its digests and its tensors by canonical name.
+
+    A format-version-1 entry has ``sha256``, the SHA-256 of all the file's
+    bytes (CKPT-7); a format-version-2 entry has ``header_sha256`` instead,
+    the SHA-256 of the file's first ``8 + N`` bytes (its length prefix and
+    header), so that the header digest and the tensors' digests cover every
+    byte exactly once (CKPT-25). Exactly one of the two is set
+    (`UsageError` otherwise)."""
 
     path: str
     size: int
-    sha256: str
+    sha256: str | None
     tensors: Mapping[str, TensorEntry]
+    header_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.sha256 is None) == (self.header_sha256 is None):
+            raise UsageError(
+                f"file entry {self.path!r:.80}: set exactly one of sha256 (format version 1) "
+                "and header_sha256 (format version 2)"
+            )
+
+    @property
+    def format_version(self) -> int:
+        """1 for an entry with a whole-file ``sha256``, 2 for one with ``header_sha256``."""
+        return 1 if self.header_sha256 is None else 2
 
     def to_json_dict(self) -> dict[str, Any]:
         """The entry as the manifest's ``files[role]`` JSON object."""
-        return {
-            "path": self.path,
-            "size": self.size,
-            "sha256": self.sha256,
-            "tensors": {
-                name: {"dtype": t.dtype, "shape": list(t.shape), "sha256": t.sha256}
-                for name, t in self.tensors.items()
-            },
+        out: dict[str, Any] = {"path": self.path, "size": self.size}
+        if self.header_sha256 is None:
+            out["sha256"] = self.sha256
+        else:
+            out["header_sha256"] = self.header_sha256
+        out["tensors"] = {
+            name: {"dtype": t.dtype, "shape": list(t.shape), "sha256": t.sha256}
+            for name, t in self.tensors.items()
         }
+        return out
 
 
 @dataclass(frozen=True)
@@ -360,12 +385,13 @@ def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
             f"{where}: the manifest is a JSON {type(data).__name__}, not an object; {fix}"
         )
     _check_version(data, where, fix)
-    violations = list(manifest_validator().iter_errors(data))
+    version = data["format_version"]
+    violations = list(manifest_validator(version).iter_errors(data))
     if violations:
         shown = "; ".join(str(v) for v in violations[:5])
         more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
         raise CheckpointCorruptError(
-            f"{where}: the manifest fails the checkpoint-v1 schema: {shown}{more}; {fix}"
+            f"{where}: the manifest fails the checkpoint-v{version} schema: {shown}{more}; {fix}"
         )
 
     spec_version = data["spec_version"]
@@ -420,13 +446,16 @@ def _file_entry(role: str, entry: dict[str, Any], where: str, fix: str) -> FileE
         )
         sha = _check_sha(t["sha256"], ("files", role, "tensors", name, "sha256"), where, fix)
         tensors[name] = TensorEntry(t["dtype"], shape, sha)
+    if "header_sha256" in entry:  # format version 2 (CKPT-25)
+        header = _check_sha(entry["header_sha256"], ("files", role, "header_sha256"), where, fix)
+        return FileEntry(entry["path"], size, None, MappingProxyType(tensors), header)
     sha = _check_sha(entry["sha256"], ("files", role, "sha256"), where, fix)
     return FileEntry(entry["path"], size, sha, MappingProxyType(tensors))
 
 
-@functools.lru_cache(maxsize=1)
-def _files_validator() -> SchemaValidator:
-    schema = manifest_schema()
+@functools.lru_cache(maxsize=2)
+def _files_validator(format_version: int) -> SchemaValidator:
+    schema = manifest_schema(format_version)
     return SchemaValidator({"$defs": schema["$defs"], **schema["properties"]["files"]})
 
 
@@ -454,7 +483,12 @@ def decode_file_entries(raw: bytes | bytearray | memoryview) -> dict[str, FileEn
         data = loads_strict(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointCorruptError(f"{where}: not valid JSON ({exc}); {_FIX}") from exc
-    violations = list(_files_validator().iter_errors(data))
+    version = 1
+    if isinstance(data, dict) and any(
+        isinstance(e, dict) and "header_sha256" in e for e in data.values()
+    ):
+        version = 2  # then every entry must be one of format version 2
+    violations = list(_files_validator(version).iter_errors(data))
     if violations:
         shown = "; ".join(str(v) for v in violations[:5])
         raise CheckpointCorruptError(f"{where}: invalid: {shown}; {_FIX}")

@@ -26,6 +26,7 @@ from typing import Any
 from gradaccum.errors import UsageError
 
 __all__ = [
+    "SCHEMA_VERSIONS",
     "SchemaValidator",
     "SchemaViolation",
     "json_path",
@@ -297,24 +298,46 @@ class SchemaValidator:
                     yield from self._validate(item, extra, (*path, key))
 
 
-_SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "checkpoint-v1.schema.json"
+_SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+#: The format versions whose manifest schema ships with this release.
+SCHEMA_VERSIONS = (1, 2)
 
 
-@functools.lru_cache(maxsize=1)
-def _load_manifest_schema() -> tuple[dict[str, Any], SchemaValidator]:
-    schema = json.loads(_SCHEMA_PATH.read_text(encoding="utf-8"))
+def _schema_path(format_version: int) -> Path:
+    if format_version not in SCHEMA_VERSIONS:
+        raise UsageError(
+            f"format_version {format_version!r} has no manifest schema; use one of "
+            f"{', '.join(str(v) for v in SCHEMA_VERSIONS)}"
+        )
+    return _SCHEMA_DIR / f"checkpoint-v{format_version}.schema.json"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_manifest_schema(format_version: int) -> tuple[dict[str, Any], SchemaValidator]:
+    schema = json.loads(_schema_path(format_version).read_text(encoding="utf-8"))
     return schema, SchemaValidator(schema)
 
 
-def manifest_schema() -> dict[str, Any]:
-    """The JSON Schema of a format-version-1 manifest (a fresh copy of the
-    file ``gradaccum/schemas/checkpoint-v1.schema.json`` shipped in the wheel,
-    byte-identical to ``spec/checkpoint-v1.schema.json``)."""
-    schema, _ = _load_manifest_schema()
+def manifest_schema(format_version: int = 2) -> dict[str, Any]:
+    """The JSON Schema of a manifest of ``format_version`` (1 or 2; a fresh
+    copy of the file ``gradaccum/schemas/checkpoint-v<N>.schema.json``
+    shipped in the wheel, byte-identical to ``spec/checkpoint-v<N>.schema.json``).
+    Another version raises `UsageError`."""
+    schema, _ = _load_manifest_schema(_checked(format_version))
     result: dict[str, Any] = json.loads(json.dumps(schema))
     return result
 
 
-def manifest_validator() -> SchemaValidator:
-    """A (cached) validator for the format-version-1 manifest schema."""
-    return _load_manifest_schema()[1]
+def manifest_validator(format_version: int = 2) -> SchemaValidator:
+    """A (cached) validator for the manifest schema of ``format_version`` (1 or 2)."""
+    return _load_manifest_schema(_checked(format_version))[1]
+
+
+def _checked(format_version: Any) -> int:
+    if type(format_version) is not int:
+        raise UsageError(
+            f"format_version {format_version!r} is not an integer; use one of "
+            f"{', '.join(str(v) for v in SCHEMA_VERSIONS)}"
+        )
+    _schema_path(format_version)
+    return format_version

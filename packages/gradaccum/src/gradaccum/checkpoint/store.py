@@ -23,6 +23,7 @@ import re
 import stat
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from gradaccum.checkpoint.format import (
     MANIFEST_SHA256_NAME,
     MAX_MANIFEST_BYTES,
     ROLE_PATTERN,
-    SPEC_VERSION,
+    SPEC_VERSIONS,
+    SUPPORTED_FORMAT_VERSIONS,
     FileEntry,
     Manifest,
     Producer,
@@ -53,6 +55,7 @@ from gradaccum.checkpoint.format import (
 )
 from gradaccum.checkpoint.safetensors_io import (
     DTYPE_SIZES,
+    MAX_HEADER_BYTES,
     RawTensor,
     SafetensorsHeader,
     decode_safetensors,
@@ -90,7 +93,14 @@ _READ_ATTEMPTS = 3
 _CHUNK = 8 * 1024 * 1024
 _MAX_SIDECAR_BYTES = 4096
 _DIGEST_ON_ERROR_LIMIT = 256 * 1024 * 1024
-_PARALLEL_HASH_BYTES = 16 * 1024 * 1024  # files at least this large hash on two threads
+_MAX_HEADER_BYTES = MAX_HEADER_BYTES
+_PARALLEL_HASH_BYTES = 16 * 1024 * 1024  # files at least this large hash on helper threads
+# A streamed write hashes on helper threads while the tensors are written: at
+# most this many tensors may be written ahead of their digests, and no more
+# than _LOOKAHEAD_BYTES of them beyond one (a callable TensorSource's host
+# copy stays alive until its digest is done).
+_LOOKAHEAD = 2
+_LOOKAHEAD_BYTES = 256 * 1024 * 1024
 _TOKEN = re.compile(r"[0-9a-f]{8,64}")
 _OPEN_FLAGS = (
     os.O_RDONLY
@@ -193,19 +203,38 @@ class _Planned:
     role: str
     size: int
     tensors: dict[str, TensorEntry]
-    sha256: str
+    sha256: str | None  # format version 1: the whole file's digest
     chunks: Any  # bytes, or an iterator of buffers that fills in the digests
+    header_sha256: str | None = None  # format version 2: the header's digest
 
     def entry(self) -> FileEntry:
         return FileEntry(
-            self.role + _SUFFIX, self.size, self.sha256, MappingProxyType(dict(self.tensors))
+            self.role + _SUFFIX,
+            self.size,
+            self.sha256,
+            MappingProxyType(dict(self.tensors)),
+            self.header_sha256,
         )
 
 
 _PENDING = "0" * 64  # placeholder digest of a streamed file before it is written
 
 
-def _plan_file(role: Any, data: Any, where: str) -> _Planned:
+def _hex(data: BytesLike) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_format_version(version: Any, where: str) -> int:
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise UsageError(
+            f"{where}: format_version={version!r:.40} is not one this release writes; pass "
+            f"{' or '.join(str(v) for v in sorted(SUPPORTED_FORMAT_VERSIONS))} (the default, "
+            f"{FORMAT_VERSION}, hashes every byte once; 1 is for readers older than format 2)"
+        )
+    return version
+
+
+def _plan_file(role: Any, data: Any, where: str, version: int) -> _Planned:
     if not is_role(role):
         raise UsageError(
             f"{where}: role {role!r} does not match {ROLE_PATTERN}; use lowercase names "
@@ -219,15 +248,14 @@ def _plan_file(role: Any, data: Any, where: str) -> _Planned:
             raise UsageError(f"{where}: {exc}; nothing was written") from exc
         view = memoryview(blob)
         start = header.data_start
+        digests = _tensor_digests(view, header)
         tensors = {
-            name: TensorEntry(
-                info.dtype,
-                info.shape,
-                hashlib.sha256(view[start + info.begin : start + info.end]).hexdigest(),
-            )
+            name: TensorEntry(info.dtype, info.shape, digests[name])
             for name, info in sorted(header.tensors.items())
         }
-        return _Planned(role, len(blob), tensors, hashlib.sha256(blob).hexdigest(), blob)
+        if version == 1:
+            return _Planned(role, len(blob), tensors, _hex(blob), blob)
+        return _Planned(role, len(blob), tensors, None, blob, _hex(view[:start]))
     if isinstance(data, Mapping):
         sources: dict[str, TensorSource] = {}
         for name, source in data.items():
@@ -248,8 +276,9 @@ def _plan_file(role: Any, data: Any, where: str) -> _Planned:
             role,
             size,
             {n: TensorEntry(t.dtype, t.shape, _PENDING) for n, t in sorted(sources.items())},
-            _PENDING,
+            _PENDING if version == 1 else None,
             None,
+            None if version == 1 else _hex(header_bytes),
         )
         planned.chunks = _stream(planned, header_bytes, order, sources, where)
         return planned
@@ -266,48 +295,77 @@ def _stream(
     sources: Mapping[str, TensorSource],
     where: str,
 ) -> Iterator[BytesLike]:
-    """Yield the file's bytes tensor by tensor, hashing as they go; once
-    exhausted, ``planned`` holds the real digests."""
-    side = _Side(hashlib.sha256(header), planned.size >= _PARALLEL_HASH_BYTES)
+    """Yield the file's bytes tensor by tensor while helper threads hash them;
+    once exhausted, ``planned`` holds the real digests.
+
+    Each tensor's SHA-256 (and, for format version 1, the running digest of
+    the whole file, fed in order on one thread of its own) is computed on
+    helper threads while the caller writes the same, unchanged, buffer
+    (hashlib and ``os.write`` both release the GIL), with at most
+    `_LOOKAHEAD` tensors written ahead of their digests."""
+    parallel = planned.size >= _PARALLEL_HASH_BYTES and (os.cpu_count() or 1) > 1
+    file_hash = hashlib.sha256(header) if planned.sha256 is not None else None
+    tensor_pool = ThreadPoolExecutor(2) if parallel else None
+    file_pool = ThreadPoolExecutor(1) if parallel and file_hash is not None else None
+    pending: deque[tuple[str, TensorSource, int, Future[str] | str, Future[None] | None]]
+    pending = deque()
+    in_flight = 0
+
+    def settle(keep: int) -> None:
+        nonlocal in_flight
+        while len(pending) > keep or (len(pending) > 1 and in_flight > _LOOKAHEAD_BYTES):
+            name, source, nbytes, digest, fed = pending.popleft()
+            if fed is not None:
+                fed.result()
+            value = digest if isinstance(digest, str) else digest.result()
+            planned.tensors[name] = TensorEntry(source.dtype, source.shape, value)
+            in_flight -= nbytes
+
     try:
         yield header
-        yield from _stream_tensors(planned, side, order, sources, where)
-        side.wait()
-        planned.sha256 = side.hasher.hexdigest()
-    finally:
-        side.close()
-
-
-def _stream_tensors(
-    planned: _Planned,
-    side: _Side,
-    order: list[str],
-    sources: Mapping[str, TensorSource],
-    where: str,
-) -> Iterator[BytesLike]:
-    for name in order:
-        source = sources[name]
-        data = source.data() if callable(source.data) else source.data
-        try:
-            view = memoryview(data).cast("B")
-        except TypeError as exc:
-            raise UsageError(
-                f"{where}: the data of tensor {name!r} in files[{planned.role!r}] is a "
-                f"{type(data).__name__} that is not a C-contiguous buffer ({exc}); pass bytes, "
-                "a memoryview or a contiguous array"
-            ) from None
-        if view.nbytes != source.nbytes:
-            raise UsageError(
-                f"{where}: tensor {name!r} in files[{planned.role!r}] ({source.dtype}, shape "
-                f"{list(source.shape)}) needs {source.nbytes} bytes of data, got {view.nbytes}; "
-                "nothing was installed"
+        for name in order:
+            source = sources[name]
+            view = _source_view(planned, name, source, where)
+            fed: Future[None] | None = None
+            if file_hash is not None:
+                if file_pool is not None:
+                    fed = file_pool.submit(file_hash.update, view)
+                else:
+                    file_hash.update(view)
+            digest: Future[str] | str = (
+                tensor_pool.submit(_hex, view) if tensor_pool is not None else _hex(view)
             )
-        side.update(view)
-        tensor_digest = hashlib.sha256(view).hexdigest()
-        side.wait()
-        planned.tensors[name] = TensorEntry(source.dtype, source.shape, tensor_digest)
-        yield view
-        del view, data
+            pending.append((name, source, view.nbytes, digest, fed))
+            in_flight += view.nbytes
+            yield view
+            del view
+            settle(_LOOKAHEAD)
+        settle(0)
+        if file_hash is not None:
+            planned.sha256 = file_hash.hexdigest()
+    finally:
+        for pool in (tensor_pool, file_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _source_view(planned: _Planned, name: str, source: TensorSource, where: str) -> memoryview:
+    data = source.data() if callable(source.data) else source.data
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as exc:
+        raise UsageError(
+            f"{where}: the data of tensor {name!r} in files[{planned.role!r}] is a "
+            f"{type(data).__name__} that is not a C-contiguous buffer ({exc}); pass bytes, "
+            "a memoryview or a contiguous array"
+        ) from None
+    if view.nbytes != source.nbytes:
+        raise UsageError(
+            f"{where}: tensor {name!r} in files[{planned.role!r}] ({source.dtype}, shape "
+            f"{list(source.shape)}) needs {source.nbytes} bytes of data, got {view.nbytes}; "
+            "nothing was installed"
+        )
+    return view
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -490,7 +548,8 @@ class Checkpoint:
 
     def read_file(self, role: str) -> bytes:
         """The bytes of ``<role>.safetensors``, verified against the manifest
-        (size, header, file and per-tensor SHA-256: CKPT-7). An opened
+        (size, header, the file's — format 1 — or header's — format 2 — and
+        every tensor's SHA-256: CKPT-7, CKPT-25). An opened
         checkpoint reads exactly the declared size from the file and holds
         nothing afterwards; raises `CheckpointMismatchError` for a role the
         checkpoint does not hold, `CheckpointChecksumError` when the bytes
@@ -511,7 +570,8 @@ class Checkpoint:
         """``<role>.safetensors`` memory-mapped read-only, as a `TensorFile`.
 
         With ``verify`` (the default) the mapped bytes are hashed against the
-        manifest first (file and per-tensor SHA-256, CKPT-7) — pass ``False``
+        manifest first (the file's or header's and every tensor's SHA-256,
+        CKPT-7, CKPT-25; a format-2 file's tensors on two threads) — pass ``False``
         only when `open_checkpoint` already verified them and the file cannot
         have changed since. The header is always re-read from the mapping
         and checked against the manifest's index."""
@@ -637,12 +697,20 @@ class _Document:
         self.metadata = to_json_value(metadata or {}, "metadata")
         self.created = time.time()
 
-    def manifest(self, files: Mapping[str, FileEntry]) -> Manifest:
-        """The validated manifest listing ``files``; `UsageError` if invalid."""
+    def manifest(self, files: Mapping[str, FileEntry], version: int) -> Manifest:
+        """The validated manifest of format ``version`` listing ``files``
+        (entries of that version); `UsageError` if invalid."""
+        for role in sorted(files):
+            if files[role].format_version != version:
+                raise UsageError(
+                    f"{self.where}: the entry of {role!r} is one of format version "
+                    f"{files[role].format_version}, the checkpoint's is {version}; write every "
+                    "shard with the same format_version"
+                )
         document = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "spec_version": SPEC_VERSION,
+            "format_version": version,
+            "spec_version": SPEC_VERSIONS[version],
             "producer": {"name": self.producer.name, "version": self.producer.version},
             "created_unix": self.created,
             "world_size": self.world_size,
@@ -665,10 +733,10 @@ def _disk_error(where: str, exc: OSError) -> CheckpointError:
     )
 
 
-def _plan_files(files: Any, where: str) -> list[_Planned]:
+def _plan_files(files: Any, where: str, version: int) -> list[_Planned]:
     if not isinstance(files, Mapping):
         raise UsageError(f"{where}: files is a {type(files).__name__}; pass a mapping")
-    return [_plan_file(role, files[role], where) for role in sorted(files, key=str)]
+    return [_plan_file(role, files[role], where, version) for role in sorted(files, key=str)]
 
 
 def write_checkpoint(
@@ -681,6 +749,7 @@ def write_checkpoint(
     world_size: int = 1,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = True,
+    format_version: int = FORMAT_VERSION,
 ) -> Manifest:
     """Write a checkpoint directory at ``path`` and return its manifest.
 
@@ -700,6 +769,12 @@ def write_checkpoint(
     checkpoint with ``overwrite=False`` raises `CheckpointError`, also before
     any write.
 
+    ``format_version`` 2 (the default, ``spec/checkpoint-v2.md``) records
+    each file's header digest and each tensor's digest, so every byte is
+    hashed once, on helper threads while it is written (CKPT-25); 1 also
+    records each file's whole-file digest (every byte hashed twice), for
+    readers older than format 2. Another value raises `UsageError`.
+
     The directory — the tensor files, ``manifest.json`` and its checksum
     ``manifest.sha256`` (CKPT-21) — is then replaced atomically (CKPT-12):
     whatever happens, ``path`` holds the previous complete checkpoint or the
@@ -709,15 +784,16 @@ def write_checkpoint(
     target = _target(path)
     shown = os.fspath(path)
     where = f"cannot write checkpoint at '{shown}'"
+    version = _check_format_version(format_version, where)
     doc = _Document(where, state, config, producer, world_size, metadata)
-    planned = _plan_files(files, where)
-    doc.manifest({p.role: p.entry() for p in planned})  # everything but streamed digests
+    planned = _plan_files(files, where, version)
+    doc.manifest({p.role: p.entry() for p in planned}, version)  # all but streamed digests
     _check_target(target, shown, overwrite)
 
     result: list[Manifest] = []
 
     def manifest_bytes() -> bytes:
-        manifest = doc.manifest({p.role: p.entry() for p in planned})
+        manifest = doc.manifest({p.role: p.entry() for p in planned}, version)
         result.append(manifest)
         return manifest.to_json_bytes()
 
@@ -771,7 +847,7 @@ def stage_checkpoint(
     where = f"cannot write checkpoint at '{shown}'"
     _check_token(token, where)
     doc = _Document(where, state, config, producer, world_size, metadata)
-    doc.manifest({})
+    doc.manifest({}, FORMAT_VERSION)
     _check_target(target, shown, overwrite)
     try:
         atomic.create_staging(target, token)
@@ -780,7 +856,11 @@ def stage_checkpoint(
 
 
 def write_shard(
-    path: str | os.PathLike[str], *, token: str, files: Mapping[str, FileSource]
+    path: str | os.PathLike[str],
+    *,
+    token: str,
+    files: Mapping[str, FileSource],
+    format_version: int = FORMAT_VERSION,
 ) -> dict[str, FileEntry]:
     """Write this rank's tensor files into the staging directory that
     `stage_checkpoint` created for ``path`` and return their manifest entries.
@@ -791,11 +871,13 @@ def write_shard(
     validated first (`UsageError`, nothing written). Send the returned
     entries to rank 0 (`encode_file_entries` / `decode_file_entries`) for
     `commit_checkpoint`. A missing staging directory raises `CheckpointError`.
+    ``format_version`` is `write_checkpoint`'s; every rank must pass the same.
     """
     target = _target(path)
     where = f"cannot write checkpoint at '{os.fspath(path)}'"
     tmp = atomic.temporary_path(target, _check_token(token, where))
-    planned = _plan_files(files, where)
+    version = _check_format_version(format_version, where)
+    planned = _plan_files(files, where, version)
     if not tmp.is_dir() or tmp.is_symlink():
         raise CheckpointError(
             f"{where}: the staging directory '{tmp}' does not exist; rank 0 must call "
@@ -833,7 +915,8 @@ def commit_checkpoint(
     Checks that the staging directory holds exactly the files of
     ``entries`` — regular files of the recorded sizes whose safetensors
     headers match the recorded tensor index; with ``verify`` also re-hashed —
-    and that the manifest is valid, then writes ``manifest.json`` and
+    that every entry is of the same format version (the checkpoint's), and
+    that the manifest is valid, then writes ``manifest.json`` and
     ``manifest.sha256`` and installs the directory atomically (CKPT-12).
     Any failure raises (`UsageError`, `CheckpointError`), removes the staging
     directory and leaves ``path`` unchanged."""
@@ -849,7 +932,9 @@ def commit_checkpoint(
             raise UsageError(
                 f"{where}: entries must map roles to the FileEntry objects write_shard returned"
             )
-        manifest = doc.manifest(entries)
+        versions = {e.format_version for e in entries.values()}
+        version = versions.pop() if len(versions) == 1 else FORMAT_VERSION
+        manifest = doc.manifest(entries, version)
         _check_target(target, shown, overwrite)
         _check_staged(tmp, manifest, where, verify)
         raw = manifest.to_json_bytes()
@@ -934,9 +1019,14 @@ def _check_index(header: SafetensorsHeader, entry: FileEntry, label: str) -> Non
 
 
 def _file_mismatch(label: str, entry: FileEntry, digest: str) -> CheckpointChecksumError:
+    if entry.header_sha256 is not None:
+        return CheckpointChecksumError(
+            f"{label}: the header of file {entry.path!r} has SHA-256 {_short(digest)} but the "
+            f"manifest records {_short(entry.header_sha256)}; {_RESTORE}"
+        )
     return CheckpointChecksumError(
         f"{label}: file {entry.path!r} has SHA-256 {_short(digest)} but the manifest "
-        f"records {_short(entry.sha256)}; {_RESTORE}"
+        f"records {_short(entry.sha256 or '')}; {_RESTORE}"
     )
 
 
@@ -950,6 +1040,19 @@ def _tensor_mismatch(
     )
 
 
+def _tensor_digests(view: memoryview, header: SafetensorsHeader) -> dict[str, str]:
+    """Every tensor's SHA-256, in the header's order, on two threads when the
+    file is large (the digests are independent: CKPT-25)."""
+    start = header.data_start
+    spans = [(name, start + info.begin, start + info.end) for name, info in header.tensors.items()]
+    total = sum(end - begin for _, begin, end in spans)
+    if total < _PARALLEL_HASH_BYTES or len(spans) < 2 or (os.cpu_count() or 1) < 2:
+        return {name: _hex(view[begin:end]) for name, begin, end in spans}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(_hex, view[begin:end]) for name, begin, end in spans}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def _verify_digests(
     view: BytesLike,
     header: SafetensorsHeader,
@@ -958,41 +1061,52 @@ def _verify_digests(
     *,
     file_verified: bool = False,
 ) -> None:
-    """Compare the file's SHA-256 (unless ``file_verified``) and every
-    tensor's with the manifest, the file's first."""
+    """Compare the file's digest (format 1: of all its bytes; format 2: of
+    its header) unless ``file_verified``, then every tensor's, with the
+    manifest — the file's first."""
     data = memoryview(view)
-    side = _Side(hashlib.sha256(), not file_verified and len(data) >= _PARALLEL_HASH_BYTES)
     try:
-        if not file_verified:
-            side.update(data)
-        start = header.data_start
-        digests = {
-            name: hashlib.sha256(data[start + info.begin : start + info.end]).hexdigest()
-            for name, info in header.tensors.items()
-        }
-        side.wait()
+        if entry.header_sha256 is not None:
+            if not file_verified:
+                digest = _hex(data[: header.data_start])
+                if digest != entry.header_sha256:
+                    raise _file_mismatch(label, entry, digest)
+            digests = _tensor_digests(data, header)
+        else:
+            side = _Side(hashlib.sha256(), not file_verified and len(data) >= _PARALLEL_HASH_BYTES)
+            try:
+                if not file_verified:
+                    side.update(data)
+                start = header.data_start
+                digests = {
+                    name: _hex(data[start + info.begin : start + info.end])
+                    for name, info in header.tensors.items()
+                }
+                side.wait()
+            finally:
+                side.close()
+            if not file_verified:
+                digest = side.hasher.hexdigest()
+                if digest != entry.sha256:
+                    raise _file_mismatch(label, entry, digest)
     finally:
-        side.close()
         data.release()
-    if not file_verified:
-        digest = side.hasher.hexdigest()
-        if digest != entry.sha256:
-            raise _file_mismatch(label, entry, digest)
     for name, tensor_digest in digests.items():
         if tensor_digest != entry.tensors[name].sha256:
             raise _tensor_mismatch(label, entry, name, tensor_digest)
 
 
 def _verify_blob(blob: bytes, entry: FileEntry, label: str) -> SafetensorsHeader:
-    """Verify a whole file's bytes: size, file digest, header, index, tensor digests."""
+    """Verify a whole file's bytes: size, file (or header) digest, header,
+    index, tensor digests."""
     if len(blob) != entry.size:
         raise CheckpointCorruptError(
             f"{label}: file {entry.path!r} is {len(blob)} bytes but the manifest records "
             f"{entry.size}; the file is truncated or was replaced — restore it from a copy "
             "or take a new checkpoint"
         )
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != entry.sha256:
+    digest = _recorded_digest(memoryview(blob), entry)
+    if digest != (entry.sha256 or entry.header_sha256):
         raise _file_mismatch(label, entry, digest)
     header = read_safetensors_header(blob, name=f"{label}: file {entry.path!r}")
     _check_index(header, entry, label)
@@ -1000,8 +1114,29 @@ def _verify_blob(blob: bytes, entry: FileEntry, label: str) -> SafetensorsHeader
     return header
 
 
-def _file_digest(fd: int, size: int) -> str:
-    """The SHA-256 of the first ``size`` bytes of ``fd``, read in bounded chunks."""
+def _header_span(prefix: BytesLike, size: int) -> int:
+    """How many leading bytes a format-2 header digest covers, judged from
+    the file's length prefix (at most the file and CKPT-6's header limit)."""
+    if size < 8 or len(prefix) < 8:
+        return min(size, len(prefix))
+    n = int.from_bytes(bytes(prefix[:8]), "little")
+    return min(size, 8 + min(n, _MAX_HEADER_BYTES))
+
+
+def _recorded_digest(data: memoryview, entry: FileEntry) -> str:
+    """The digest the manifest records for a file whose bytes are ``data``:
+    of all of it (format 1) or of its header (format 2)."""
+    if entry.header_sha256 is None:
+        return _hex(data)
+    return _hex(data[: _header_span(data, len(data))])
+
+
+def _file_digest(fd: int, size: int, entry: FileEntry) -> str:
+    """The digest the manifest records for the first ``size`` bytes of
+    ``fd`` (format 1: all of them; format 2: the header's), read in bounded
+    chunks."""
+    if entry.header_sha256 is not None:
+        size = _header_span(os.pread(fd, 8, 0), size)
     file_hash = hashlib.sha256()
     offset = 0
     while offset < size:
@@ -1015,8 +1150,11 @@ def _file_digest(fd: int, size: int) -> str:
 
 def _verify_fd(fd: int, header: SafetensorsHeader, entry: FileEntry, label: str) -> None:
     """Stream the file open at ``fd`` through SHA-256 in bounded chunks (the
-    file digest and every tensor's at once) and compare with the manifest."""
-    side = _Side(hashlib.sha256(), entry.size >= _PARALLEL_HASH_BYTES)
+    file's digest — format 1: of every byte, on a helper thread; format 2: of
+    the header — and every tensor's at once) and compare with the manifest."""
+    side = _Side(
+        hashlib.sha256(), entry.header_sha256 is None and entry.size >= _PARALLEL_HASH_BYTES
+    )
     try:
         _stream_digests(fd, header, entry, label, side)
     finally:
@@ -1026,11 +1164,15 @@ def _verify_fd(fd: int, header: SafetensorsHeader, entry: FileEntry, label: str)
 def _stream_digests(
     fd: int, header: SafetensorsHeader, entry: FileEntry, label: str, side: _Side
 ) -> None:
+    v1 = entry.header_sha256 is None
     spans = [
         (header.data_start + info.begin, header.data_start + info.end, name)
         for name, info in header.tensors.items()
     ]
     hashes = {name: hashlib.sha256() for _, _, name in spans}
+    if not v1:  # format 2: the header's bytes are a span of their own (CKPT-25)
+        spans.insert(0, (0, header.data_start, ""))
+        hashes[""] = side.hasher
     buffer = bytearray(min(_CHUNK, max(entry.size, 1)))
     view = memoryview(buffer)
     offset = 0
@@ -1044,7 +1186,8 @@ def _stream_digests(
                 f"(truncated while being read); {_RESTORE}"
             )
         chunk = view[:got]
-        side.update(chunk)
+        if v1:
+            side.update(chunk)
         end = offset + got
         while index < len(spans) and spans[index][0] < end:
             begin, stop, name = spans[index]
@@ -1058,9 +1201,11 @@ def _stream_digests(
         side.wait()  # the buffer is reused for the next chunk
         offset = end
     digest = side.hasher.hexdigest()
-    if digest != entry.sha256:
+    if digest != (entry.sha256 if v1 else entry.header_sha256):
         raise _file_mismatch(label, entry, digest)
     for _, _, name in spans:
+        if not name:
+            continue
         tensor_digest = hashes[name].hexdigest()
         if tensor_digest != entry.tensors[name].sha256:
             raise _tensor_mismatch(label, entry, name, tensor_digest)
@@ -1220,8 +1365,8 @@ def _open_directory(handle: _Dir, label: str) -> _Opened:
                 # recorded ones is reported as a checksum mismatch, not by its
                 # first symptom.
                 if size <= _DIGEST_ON_ERROR_LIMIT:
-                    digest = _file_digest(fd, size)
-                    if digest != entry.sha256:
+                    digest = _file_digest(fd, size, entry)
+                    if digest != (entry.sha256 or entry.header_sha256):
                         raise _file_mismatch(label, entry, digest) from None
                 raise
             headers[role] = header
@@ -1307,7 +1452,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     `from_state_dict`, `from_dict` and the schedule's ``check_state``), the
     set of ``*.safetensors`` files is compared with the manifest's, and every
     file — opened only if it is a regular file, without following links, and
-    read only up to its declared size — has its size, SHA-256, safetensors
+    read only up to its declared size — has its size, SHA-256 (format 1: of
+    the file; format 2: of its header, CKPT-25), safetensors
     header, tensor index and per-tensor SHA-256 verified. The returned
     checkpoint holds every file's bytes (`open_checkpoint` holds none).
     Raises `CheckpointVersionError` for an unsupported format version,
@@ -1348,8 +1494,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
     files, opens each tensor file (regular, not through a link, of the
     declared size) and validates its header against the manifest's index,
     reading only the headers. With ``verify`` (the default) each file is then
-    streamed once through SHA-256 in bounded chunks and its file and tensor
-    digests compared with the manifest before this returns (CKPT-7);
+    streamed once through SHA-256 in bounded chunks and its file's (format
+    1) or header's (format 2) and its tensors' digests compared with the manifest before this returns (CKPT-7);
     without it they are checked when a file is read
     (`Checkpoint.read_file`, `Checkpoint.open_file`). The returned
     `Checkpoint` holds one descriptor per file, which keeps the files it
