@@ -130,12 +130,26 @@ def modes_program(rank: int, world_size: int, out_dir: str) -> None:
     file (shared=True), auto-detected (None), and every file through rank 0
     one rank at a time (False) — then load each into fresh objects and
     record the resumed parameters after one more window."""
+    import gradaccum_ddp.checkpoint as ckpt_module
+
     out = Path(out_dir)
     result: dict[str, Any] = {}
+    real_write_shard = ckpt_module.write_shard
+    written: list[str] = []
+
+    def recording_write_shard(*args: Any, **kwargs: Any) -> Any:
+        """The real write_shard, recording which roles this rank wrote."""
+        entries = real_write_shard(*args, **kwargs)
+        written.extend(entries)
+        return entries
+
+    ckpt_module.write_shard = recording_write_shard  # type: ignore[assignment]
     for mode, shared in (("shared", True), ("auto", None), ("gather", False)):
         ddp, acc = _build(0)
         _train(ddp, acc, 7, seed=1)
+        written.clear()
         save_distributed(acc, out / mode, shared=shared)
+        result[f"{mode}_wrote"] = sorted(written)
         ddp2, acc2 = _build(4)
         acc2.load(out / mode)
         _train(ddp2, acc2, 2, seed=3)

@@ -13,6 +13,7 @@ import ckpt_shard_workers as W
 import pytest
 
 from gradaccum.checkpoint import read_checkpoint
+from gradaccum_ddp.checkpoint import assign_replicated
 from gradaccum_ddp.testing import launch
 
 
@@ -57,7 +58,46 @@ def test_per_rank_and_through_rank_zero_writes_agree(tmp_path: Path) -> None:
         for role in roles:
             assert ckpts[mode].file_bytes(role) == ckpts["shared"].file_bytes(role), (mode, role)
         assert ckpts[mode].manifest.files == ckpts["shared"].manifest.files
-    for rank_result in _results(tmp_path, "modes"):
+    rank0, rank1 = _results(tmp_path, "modes")
+    for rank_result in (rank0, rank1):
         assert rank_result["shared"]["position"] == 0  # 7 + 2 microbatches: a boundary
         assert rank_result["auto"] == rank_result["shared"]
         assert rank_result["gather"] == rank_result["shared"]
+    # CKPT-22: where every rank sees the directory, the replicated files are spread: the
+    # larger (AdamW's optimizer state, twice the model) to rank 0 (equal own bytes: the
+    # lowest rank), the model to rank 1; through rank 0, rank 0 writes every file.
+    for mode in ("shared", "auto"):
+        assert rank0[f"{mode}_wrote"] == ["gradients.rank0", "items.rank0", "optimizer"], mode
+        assert rank1[f"{mode}_wrote"] == ["gradients.rank1", "items.rank1", "model"], mode
+    assert rank0["gather_wrote"] == sorted(roles)
+    assert rank1["gather_wrote"] == []
+
+
+@pytest.mark.parametrize(
+    ("sizes", "rows", "expected"),
+    [
+        # equal own bytes: the larger file to rank 0 (tie), the other to rank 1
+        ({"model": 10, "optimizer": 20}, [[0, 1, 5, 7], [0, 1, 5, 7]],
+         {"optimizer": 0, "model": 1}),
+        # rank 0 already writes more: both replicated files go elsewhere first
+        ({"model": 10, "optimizer": 20}, [[0, 1, 50, 7], [0, 1, 5, 7], [0, 1, 5, 7]],
+         {"optimizer": 1, "model": 2}),
+        # a rank that does not see the directory (row[1] == 0) is never given one
+        ({"model": 10, "optimizer": 20}, [[0, 1, 5, 7], [0, 0, 0, 7]],
+         {"optimizer": 0, "model": 0}),
+        # the ranks' replicated files differ (digests): rank 0 writes them all
+        ({"model": 10, "optimizer": 20}, [[0, 1, 5, 7], [0, 1, 5, 8]],
+         {"optimizer": 0, "model": 0}),
+        # one rank: everything on rank 0; nothing replicated: nothing assigned
+        ({"model": 10}, [[0, 1, 0, 7]], {"model": 0}),
+        ({}, [[0, 1, 3, 7], [0, 1, 3, 7]], {}),
+    ],
+    ids=["tie", "rank0-loaded", "unseen-rank", "digests-differ", "one-rank", "none"],
+)  # fmt: skip
+def test_replicated_files_are_spread_by_size(
+    sizes: dict[str, int], rows: list[list[int]], expected: dict[str, int]
+) -> None:
+    """CKPT-22: assign_replicated gives each replicated file, largest first, to
+    the writing rank with the fewest bytes so far (ties: the lowest rank), and
+    falls back to rank 0 when the ranks' files differ."""
+    assert assign_replicated(sizes, rows) == expected

@@ -6,8 +6,8 @@ through these two functions.
 
 One directory per checkpoint, installed once, by rank 0, atomically
 (``spec/checkpoint-v1.md``): the common accumulation state and config, the
-model, optimizer, scheduler and scaler state (identical on every rank, written
-by rank 0), and each rank's own in-flight gradients as ``gradients.rank<r>``
+model, optimizer, scheduler and scaler state (identical on every rank), and
+each rank's own in-flight gradients as ``gradients.rank<r>``
 (they differ until the boundary's all-reduce). Under ``normalization="items"``
 a mid-window checkpoint also holds each rank's item count of the open window
 as ``items.rank<r>`` (a float64 scalar named ``items``); the manifest's state
@@ -26,10 +26,17 @@ Saving (every rank calls `save_distributed` at the same point):
 3. every rank that sees the staging directory (a file system all ranks share,
    the assumption ``torch.distributed.checkpoint`` makes) writes its own files
    into it straight from its tensors, hashing while it writes
-   (``write_shard``); the files of a rank that does not see it (a directory
-   only rank 0 sees) travel to rank 0 as uint8 tensors, one rank at a time,
-   and rank 0 writes them — so rank 0 never holds more than one other rank's
-   files;
+   (``write_shard``); the model and optimizer files, which every rank holds
+   identically, are spread over those ranks — each, largest first, to the rank
+   with the fewest bytes to write so far (ties: the lowest rank), as
+   ``torch.distributed.checkpoint`` spreads replicated tensors — so that no
+   rank writes everything while the others wait (the ranks first all-gather
+   who sees the directory, how many bytes of its own it writes and a digest of
+   the replicated files' names and sizes; if those digests differ, rank 0
+   writes the replicated files); the files of a rank that does not see the
+   directory (one only rank 0 sees) travel to rank 0 as uint8 tensors, one
+   rank at a time, and rank 0 writes them — so rank 0 never holds more than
+   one other rank's files;
 4. rank 0 gathers the files' manifest entries and commits (``manifest.json``,
    its checksum, fsync, atomic rename); on any failure it removes the staging
    directory;
@@ -156,10 +163,12 @@ def save_distributed(
     try:
         if shared not in (None, True, False):
             raise UsageError(f"shared={shared!r} must be None, True or False")
+        # Every rank describes the replicated files too (tensor sources: no
+        # bytes yet), so that any rank can write them (step 3).
         files, metadata = collect(
             acc,
-            model=model and rank == 0,
-            optimizer=optimizer and rank == 0,
+            model=model,
+            optimizer=optimizer,
             scheduler=scheduler and rank == 0,
             scaler=scaler and rank == 0,
             rank=rank,
@@ -202,6 +211,18 @@ def save_distributed(
         )
         own_files = {role: src for role, src in files.items() if role.endswith(f".rank{rank}")}
         shared_files = {r: s for r, s in files.items() if r not in own_files}
+        writes = sees or rank == 0
+        shared_sizes = {role: _file_size(src) for role, src in shared_files.items()}
+        own_bytes = sum(_file_size(src) for src in own_files.values())
+        with communication_errors("the checkpoint's write plan", rank):
+            plan = gather_rows(
+                [Tag.SAVE, int(writes), own_bytes, digest(sorted(shared_sizes.items()))],
+                group,
+                device,
+            )
+        mine = [
+            role for role, writer in assign_replicated(shared_sizes, plan).items() if writer == rank
+        ]
         entries: dict[str, FileEntry] = {}
         blob = b""
         try:
@@ -210,8 +231,9 @@ def save_distributed(
                     f"rank {rank} does not see the staging directory of {os.fspath(path)!r}; "
                     f"shared=True needs a directory every rank sees — pass shared=None"
                 )
-            if sees or rank == 0:
-                entries = write_shard(path, token=token, files={**own_files, **shared_files})
+            if writes:
+                assigned = {role: shared_files[role] for role in mine}
+                entries = write_shard(path, token=token, files={**own_files, **assigned})
                 blob = encode_file_entries(entries) if rank != 0 else b""
             else:
                 blob = b""
@@ -269,6 +291,31 @@ def save_distributed(
         error,
         "rank 0 could not write the checkpoint (the previous one, if any, is intact)",
     )
+
+
+def _file_size(source: Any) -> int:
+    """The bytes of a role's file: ``source`` is its bytes or its tensor sources."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).nbytes
+    return int(sum(t.nbytes for t in source.values()))
+
+
+def assign_replicated(sizes: dict[str, int], plan: list[list[int]]) -> dict[str, int]:
+    """Which rank writes each replicated file (model, optimizer), given each
+    rank's row ``[tag, writes, own bytes, digest of the replicated files'
+    names and sizes]``: largest file first, to the writing rank with the
+    fewest bytes so far (ties: the lowest rank). Every rank computes the same
+    answer from the same rows; when the ranks' digests differ (their
+    replicated files are not alike), rank 0 writes them all."""
+    if any(row[3] != plan[0][3] for row in plan):
+        return dict.fromkeys(sizes, 0)
+    loads = {r: row[2] for r, row in enumerate(plan) if row[1] or r == 0}
+    out: dict[str, int] = {}
+    for role in sorted(sizes, key=lambda r: (-sizes[r], r)):
+        writer = min(loads, key=lambda r: (loads[r], r))
+        out[role] = writer
+        loads[writer] += sizes[role]
+    return out
 
 
 def _step(
