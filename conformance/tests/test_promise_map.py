@@ -1,11 +1,11 @@
 """spec/promises.md maps every spec promise to the tests that prove it; this file holds it to that.
 
 The map is one Markdown table row per promise ID of ``spec/accumulation.md``,
-``spec/checkpoint-v1.md`` and ``spec/checkpoint-v2.md``, in spec order: ``| ID | Promise | Scope | Proved by |``. The last
-cell names tests as backticked ``path::test_name`` (``path::Class::method`` for a method;
-``suite.py::test_name`` for a test of ``ConformanceSuite`` in
-``conformance/src/gradaccum_conformance/suite.py``) and, for a promise the conformance suite does
-not check, a note ``Not checked by the suite: <reason>``.
+``spec/checkpoint-v1.md`` and ``spec/checkpoint-v2.md``, in spec order:
+``| ID | Promise | Scope | Proved by |``. The last cell names tests as backticked
+``path::test_name`` (``path::Class::method`` for a method; ``suite.py::test_name`` for a
+test of ``ConformanceSuite`` in ``conformance/src/gradaccum_conformance/suite.py``) and, for a
+promise the conformance suite does not check, a note ``Not checked by the suite: <reason>``.
 
 `check_map` reads the test files with `ast` (nothing is imported) and reports, naming the ID and
 the fix: a spec ID without a row, a row whose ID the spec does not have, a duplicate or

@@ -158,3 +158,65 @@ def modes_program(rank: int, world_size: int, out_dir: str) -> None:
             "params": [p.detach().reshape(-1).tolist() for p in ddp2.parameters()],
         }
     write_json(out / f"modes.rank{rank}.json", result)
+
+
+def shared_verify_program(rank: int, world_size: int, out_dir: str) -> None:
+    """Record which tensors each rank hashes when loading (CKPT-25 on several
+    ranks): ``same`` — both ranks load one directory (same inodes on one
+    machine); ``copies`` — each rank its own copy; ``spoilt`` — one directory
+    whose model file has a byte flipped inside a tensor only rank 1 hashes.
+    Record the ``only`` set passed to each ``open_file``, what each load
+    raised, and whether the live objects stayed bitwise the same."""
+    from gradaccum.checkpoint import Checkpoint, read_checkpoint
+    from gradaccum_torch.checkpoint import verification_share
+
+    out = Path(out_dir)
+    ddp, acc = _build(0)
+    _train(ddp, acc, 7, seed=1)
+    acc.save(out / "mid")
+    if rank == 0:
+        for r in range(world_size):
+            shutil.copytree(out / "mid", out / f"copy{r}")
+        shutil.copytree(out / "mid", out / "spoilt")
+        with read_checkpoint(out / "spoilt") as ck:
+            victim = sorted(verification_share(ck, "model", (1, world_size)))[0]
+            header = ck.header("model")
+        info = header.tensors[victim]
+        spoilt = out / "spoilt" / "model.safetensors"
+        data = bytearray(spoilt.read_bytes())
+        data[header.data_start + info.begin] ^= 0x10
+        spoilt.write_bytes(bytes(data))
+    dist.barrier()
+
+    real_open_file = Checkpoint.open_file
+    seen: list[list[Any]] = []
+
+    def recording_open_file(self: Checkpoint, role: str, **kwargs: Any) -> Any:
+        """The real open_file, recording what it was asked to verify."""
+        only = kwargs.get("only")
+        if kwargs.get("verify", True):
+            seen.append([role, None if only is None else sorted(only)])
+        return real_open_file(self, role, **kwargs)
+
+    Checkpoint.open_file = recording_open_file  # type: ignore[method-assign]
+    result: dict[str, Any] = {}
+    for case, where in (("same", "mid"), ("copies", f"copy{rank}"), ("spoilt", "spoilt")):
+        ddp2, acc2 = _build(5)
+        _train(ddp2, acc2, 4, seed=9)
+        before = _snapshot(ddp2, acc2)
+        seen.clear()
+        raised = None
+        try:
+            acc2.load(out / where)
+        except Exception as exc:
+            raised = error_info(exc)
+        result[case] = {
+            "verified": list(seen),
+            "raised": raised,
+            "unchanged": _same(before, _snapshot(ddp2, acc2)),
+            "position": acc2.stats.position,
+        }
+    Checkpoint.open_file = real_open_file  # type: ignore[method-assign]
+    with read_checkpoint(out / "mid") as ck:
+        result["tensors"] = {role: sorted(ck.manifest.files[role].tensors) for role in ck.roles}
+    write_json(out / f"shared.rank{rank}.json", result)

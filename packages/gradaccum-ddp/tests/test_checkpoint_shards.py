@@ -101,3 +101,36 @@ def test_replicated_files_are_spread_by_size(
     the writing rank with the fewest bytes so far (ties: the lowest rank), and
     falls back to rank 0 when the ranks' files differ."""
     assert assign_replicated(sizes, rows) == expected
+
+
+def test_ranks_reading_the_same_files_split_their_verification(tmp_path: Path) -> None:
+    """CKPT-7, CKPT-24, CKPT-25 on 2 ranks: ranks that open the very same
+    replicated files (one machine, same inodes) each hash a disjoint part of
+    the model and optimizer files — together every tensor, each once — and
+    their own gradient and item files whole; ranks reading different copies
+    hash everything. A byte flipped in a tensor only rank 1 hashes is still
+    refused on both ranks (rank 1 finds it, rank 0 hears it) with nothing
+    changed on either."""
+    result = launch(W.shared_verify_program, 2, str(tmp_path), timeout=240)
+    assert result.ok, f"the ranks failed: {result}"
+    rank0, rank1 = _results(tmp_path, "shared")
+    tensors = rank0["tensors"]
+    for r, res in enumerate((rank0, rank1)):
+        same = dict(res["same"]["verified"])
+        assert same[f"gradients.rank{r}"] is None and same[f"items.rank{r}"] is None
+        assert res["same"]["raised"] is None and res["same"]["position"] == 1
+        copies = dict(res["copies"]["verified"])
+        assert set(copies) == {"model", "optimizer", f"gradients.rank{r}", f"items.rank{r}"}
+        assert all(only is None for only in copies.values())
+        assert res["copies"]["raised"] is None
+    for role in ("model", "optimizer"):
+        part0 = dict(rank0["same"]["verified"])[role]
+        part1 = dict(rank1["same"]["verified"])[role]
+        assert part0 and part1, role
+        assert not set(part0) & set(part1), role
+        assert sorted(set(part0) | set(part1)) == tensors[role], role
+    assert rank1["spoilt"]["raised"]["type"] == "CheckpointChecksumError"
+    assert "model.safetensors" in rank1["spoilt"]["raised"]["message"]
+    assert rank0["spoilt"]["raised"]["type"] == "DistributedError"
+    assert "rank(s) [1]" in rank0["spoilt"]["raised"]["message"]
+    assert rank0["spoilt"]["unchanged"] is True and rank1["spoilt"]["unchanged"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -435,12 +436,12 @@ def test_every_byte_is_covered(ckpt: Path) -> None:
     f = ckpt / "optimizer.safetensors"
     original = f.read_bytes()
     header = read_safetensors_header(original)
+    start = header.data_start
     spans = sorted(
-        [(0, header.data_start)]
-        + [(header.data_start + t.begin, header.data_start + t.end) for t in header.tensors.values()]
+        [(0, start)] + [(start + t.begin, start + t.end) for t in header.tensors.values()]
     )
     assert spans[0][0] == 0 and spans[-1][1] == len(original)
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     for offset in range(len(original)):
         damaged = bytearray(original)
         damaged[offset] ^= 0x20

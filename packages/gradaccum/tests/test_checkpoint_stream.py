@@ -24,6 +24,7 @@ from gradaccum.checkpoint import (
     encode_safetensors,
     open_checkpoint,
     read_checkpoint,
+    read_safetensors_header,
     stage_checkpoint,
     validate_checkpoint,
     write_checkpoint,
@@ -341,6 +342,47 @@ def test_unverified_open_checks_each_file_when_read(ckpt: Path) -> None:
             ck.open_file("model")
     with pytest.raises(CheckpointChecksumError, match=r"'model\.safetensors' has SHA-256"):
         open_checkpoint(ckpt)
+
+
+def test_open_file_can_verify_a_subset_of_a_format_2_file(ckpt: Path, tmp_path: Path) -> None:
+    """CKPT-7, CKPT-25: open_file(only=...) of a format-2 file hashes the
+    header and just the named tensors (a flipped byte elsewhere goes unseen
+    by that call, and is found by a call naming its tensor); a format-1 file
+    is always verified whole; unknown names are a UsageError."""
+    with read_checkpoint(ckpt) as good:
+        write_checkpoint(
+            tmp_path / "v1",
+            state=STATE,
+            config=CONFIG,
+            files={role: good.read_file(role) for role in good.roles},
+            producer=PRODUCER,
+            format_version=1,
+        )
+    header = read_safetensors_header((ckpt / "model.safetensors").read_bytes())
+    last = max(header.tensors, key=lambda n: header.tensors[n].end)
+    others = sorted(set(header.tensors) - {last})
+    for path in (ckpt, tmp_path / "v1"):
+        f = path / "model.safetensors"
+        blob = bytearray(f.read_bytes())
+        blob[-3] ^= 0x10  # inside the last tensor
+        f.write_bytes(blob)
+    with open_checkpoint(ckpt, verify=False) as ck:
+        with ck.open_file("model", only=others) as tf:
+            assert set(tf.header.tensors) == set(header.tensors)
+        with pytest.raises(CheckpointChecksumError, match=f"tensor '{last}'"):
+            ck.open_file("model", only=[last])
+        with pytest.raises(UsageError, match=r"are not tensors of 'model\.safetensors'"):
+            ck.open_file("model", only=["nope"])
+        with pytest.raises(UsageError, match="pass a collection of its tensor names"):
+            ck.open_file("model", only="fc.weight")
+        st = os.stat(ckpt / "model.safetensors")
+        assert ck.file_identity("model") == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with open_checkpoint(tmp_path / "v1", verify=False) as ck1:
+        assert ck1.manifest.format_version == 1
+        with pytest.raises(CheckpointChecksumError, match=r"file 'model\.safetensors' has SHA"):
+            ck1.open_file("model", only=others)
+    with pytest.raises(CheckpointChecksumError):
+        read_checkpoint(ckpt)
 
 
 def test_verification_memory_is_bounded(tmp_path: Path) -> None:

@@ -73,6 +73,7 @@ import torch.distributed as dist
 
 from gradaccum.checkpoint import (
     MANIFEST_NAME,
+    Checkpoint,
     FileEntry,
     Producer,
     abort_checkpoint,
@@ -92,7 +93,14 @@ from gradaccum_ddp.collectives import (
     pack_files,
 )
 from gradaccum_ddp.distributed import DDPDistributed
-from gradaccum_torch.checkpoint import LoadPlan, collect, items_role, prepare_load
+from gradaccum_torch.checkpoint import (
+    REPLICATED_ROLES,
+    LoadPlan,
+    collect,
+    items_role,
+    open_for_load,
+    prepare_load,
+)
 from gradaccum_torch.tensor_io import tensors_to_bytes
 
 if TYPE_CHECKING:
@@ -403,11 +411,29 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
         raise DistributedError(describe(rows))
     plan: LoadPlan | None = None
     error: BaseException | None = None
+    ckpt: Checkpoint | None = None
     try:
         try:
-            plan = prepare_load(acc, path, rank=rank)
+            ckpt = open_for_load(path)
         except Exception as exc:
             error = exc
+        # Ranks on one machine that opened the very same replicated files split
+        # their verification (each hashes its part; step 1 below makes every
+        # rank's verdict everyone's before anything is applied).
+        mine = _replica_identity(ckpt) if ckpt is not None else 0
+        with communication_errors("the checkpoint's agreement step", rank):
+            rows = gather_rows([Tag.LOADED, int(error is None), 0, mine], group, device)
+        if any(row[2] != 0 for row in rows):
+            raise DistributedError(describe(rows))
+        world = len(rows)
+        alike = world > 1 and mine != 0 and all(row[1] and row[3] == mine for row in rows)
+        share = (rank, world) if alike else None
+        if error is None and ckpt is not None:
+            try:
+                plan = prepare_load(acc, ckpt, rank=rank, share=share)
+            except Exception as exc:
+                error = exc
+            ckpt = None  # the plan holds it now (prepare_load closes it on failure)
         _load_step(rank, group, device, error, 1, "nothing was changed on any rank")
         assert plan is not None
         try:
@@ -444,6 +470,26 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
     finally:
         if plan is not None:
             plan.close()
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _replica_identity(ckpt: Checkpoint) -> int:
+    """A digest of this machine's boot id and the replicated files' identities
+    (device, inode, size, mtime): equal on two ranks only if they read the same
+    files on the same running kernel; 0 (never shared) when unknown."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        files = [
+            [role, *identity]
+            for role in REPLICATED_ROLES
+            if role in ckpt.roles and (identity := ckpt.file_identity(role)) is not None
+        ]
+    except (OSError, UnicodeDecodeError):
+        return 0
+    if not boot or not files:
+        return 0
+    return digest([boot, files]) or 1
 
 
 def _load_step(

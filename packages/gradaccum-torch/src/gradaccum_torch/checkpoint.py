@@ -65,14 +65,17 @@ if TYPE_CHECKING:
     from gradaccum_torch.accumulator import Accumulator
 
 __all__ = [
+    "REPLICATED_ROLES",
     "LoadPlan",
     "collect",
     "gradient_role",
     "items_role",
     "load_checkpoint",
     "model_tensors",
+    "open_for_load",
     "prepare_load",
     "save_checkpoint",
+    "verification_share",
 ]
 
 
@@ -337,7 +340,51 @@ def load_checkpoint(acc: Accumulator, path: str | os.PathLike[str], *, rank: int
     prepare_load(acc, path, rank=rank).apply()
 
 
-def prepare_load(acc: Accumulator, path: str | os.PathLike[str], *, rank: int = 0) -> LoadPlan:
+def open_for_load(path: str | os.PathLike[str]) -> Checkpoint:
+    """`open_checkpoint` ``path`` for `prepare_load` (files opened, manifest
+    and headers checked, nothing hashed yet); any failure is a
+    `GradAccumError`."""
+    where = f"checkpoint at {_shown(path)!r}"
+    try:
+        return open_checkpoint(path, verify=False)
+    except GradAccumError:
+        raise
+    except Exception as exc:
+        raise CheckpointCorruptError(
+            f"{where}: it cannot be opened ({type(exc).__name__}: {_clip(str(exc))}); nothing "
+            f"was changed — check the path, or restore it from a copy"
+        ) from exc
+
+
+#: The roles every rank of a distributed run loads identically.
+REPLICATED_ROLES = ("model", "optimizer")
+
+
+def verification_share(ckpt: Checkpoint, role: str, share: tuple[int, int]) -> frozenset[str]:
+    """The tensors of ``role`` that process ``share[0]`` of ``share[1]``
+    hashes when they split one file's verification: largest first, each to
+    the process with the fewest bytes so far (ties: the lowest index) — the
+    same answer in every process for the same file."""
+    index, count = share
+    entry = ckpt.manifest.files[role]
+    loads = [0] * count
+    mine: set[str] = set()
+    sizes = {name: ckpt.header(role).tensors[name].nbytes for name in entry.tensors}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        who = min(range(count), key=lambda i: (loads[i], i))
+        loads[who] += sizes[name]
+        if who == index:
+            mine.add(name)
+    return frozenset(mine)
+
+
+def prepare_load(
+    acc: Accumulator,
+    path: str | os.PathLike[str] | Checkpoint,
+    *,
+    rank: int = 0,
+    share: tuple[int, int] | None = None,
+) -> LoadPlan:
     """Open ``path`` and check everything this rank will restore against
     ``acc``'s live objects, without changing anything.
 
@@ -348,19 +395,19 @@ def prepare_load(acc: Accumulator, path: str | os.PathLike[str], *, rank: int = 
     scheduler and scaler state — then unmapped: memory holds at most one
     file's pages. Any problem raises a `GradAccumError` (a `CheckpointError`
     for anything the checkpoint holds); the returned plan holds the open
-    files until it is applied or closed."""
-    where = f"checkpoint at {_shown(path)!r}"
+    files until it is applied or closed.
+
+    ``path`` may be a checkpoint `open_for_load` opened. ``share=(i, n)``
+    — only for processes that read the very same files (same machine, same
+    inodes) and then agree on their verdicts before anything is applied, as
+    `gradaccum_ddp` does — makes this process hash, of the replicated
+    format-2 files (`REPLICATED_ROLES`), only its part
+    (`verification_share`) and every header; its own files it always
+    verifies whole."""
+    ckpt = path if isinstance(path, Checkpoint) else open_for_load(path)
+    where = f"checkpoint at {_shown(ckpt.path)!r}"
     try:
-        ckpt = open_checkpoint(path, verify=False)
-    except GradAccumError:
-        raise
-    except Exception as exc:
-        raise CheckpointCorruptError(
-            f"{where}: it cannot be opened ({type(exc).__name__}: {_clip(str(exc))}); nothing "
-            f"was changed — check the path, or restore it from a copy"
-        ) from exc
-    try:
-        return _prepare(acc, ckpt, rank, where)
+        return _prepare(acc, ckpt, rank, where, share)
     except BaseException as exc:
         ckpt.close()
         if isinstance(exc, GradAccumError) or not isinstance(exc, Exception):
@@ -383,7 +430,9 @@ def _clip(text: str) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _prepare(acc: Accumulator, ckpt: Checkpoint, rank: int, where: str) -> LoadPlan:
+def _prepare(
+    acc: Accumulator, ckpt: Checkpoint, rank: int, where: str, share: tuple[int, int] | None
+) -> LoadPlan:
     state = AccumulationState.from_state_dict(ckpt.state)
     saved_config = AccumulationConfig.from_dict(ckpt.config)
     world = acc.distributed.world_size
@@ -418,7 +467,7 @@ def _prepare(acc: Accumulator, ckpt: Checkpoint, rank: int, where: str) -> LoadP
             del counts
     has_model = "model" in ckpt.roles
     if has_model:
-        with _verified_views(ckpt, "model") as stored:
+        with _verified_views(ckpt, "model", share) as stored:
             _model_plan(acc, stored, metadata)
             del stored
     optim_meta = None
@@ -428,7 +477,7 @@ def _prepare(acc: Accumulator, ckpt: Checkpoint, rank: int, where: str) -> LoadP
                 f"{where}: it has an optimizer file but no optimizer metadata; {_FIX}"
             )
         optim_meta = metadata["optimizer"]
-        with _verified_views(ckpt, "optimizer") as views:
+        with _verified_views(ckpt, "optimizer", share) as views:
             _optimizer_plan(acc, views, optim_meta)
             del views
     sched_state = None
@@ -453,7 +502,9 @@ def _prepare(acc: Accumulator, ckpt: Checkpoint, rank: int, where: str) -> LoadP
 
 
 @contextlib.contextmanager
-def _verified_views(ckpt: Checkpoint, role: str) -> Iterator[dict[str, torch.Tensor]]:
+def _verified_views(
+    ckpt: Checkpoint, role: str, share: tuple[int, int] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """``role``'s tensors as read-only views of its mapped file, every byte
     verified against the manifest first, in one pass (CKPT-7, CKPT-25): format
     2 hashes the header and the tensors (on two threads), format 1 the whole
@@ -461,7 +512,8 @@ def _verified_views(ckpt: Checkpoint, role: str) -> Iterator[dict[str, torch.Ten
     file was opened; the per-tensor digests cover a subset of the same bytes)."""
     entry = ckpt.manifest.files[role]
     if entry.header_sha256 is not None:
-        with ckpt.open_file(role, verify=True) as tf:
+        only = verification_share(ckpt, role, share) if share is not None else None
+        with ckpt.open_file(role, verify=True, only=only) as tf:
             yield tensor_views(tf)
         return
     with ckpt.open_file(role, verify=False) as tf:

@@ -24,7 +24,7 @@ import stat
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -537,6 +537,17 @@ class Checkpoint:
             )
         return self._fds[role]
 
+    def file_identity(self, role: str) -> tuple[int, int, int, int] | None:
+        """``(st_dev, st_ino, st_size, st_mtime_ns)`` of the open file of
+        ``role`` (an `open_checkpoint` checkpoint), or ``None`` for a
+        checkpoint read into memory. Processes on one machine (one kernel)
+        whose identities are equal read the same file."""
+        self._entry(role)
+        if not self._lazy:
+            return None
+        st = os.fstat(self._fd(role))
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
     def header(self, role: str) -> SafetensorsHeader:
         """The validated safetensors header of ``<role>.safetensors`` (no I/O)."""
         entry = self._entry(role)
@@ -566,7 +577,9 @@ class Checkpoint:
         `CheckpointMismatchError` for a role the checkpoint does not hold."""
         return self.read_file(role)
 
-    def open_file(self, role: str, *, verify: bool = True) -> TensorFile:
+    def open_file(
+        self, role: str, *, verify: bool = True, only: Collection[str] | None = None
+    ) -> TensorFile:
         """``<role>.safetensors`` memory-mapped read-only, as a `TensorFile`.
 
         With ``verify`` (the default) the mapped bytes are hashed against the
@@ -574,8 +587,22 @@ class Checkpoint:
         CKPT-7, CKPT-25; a format-2 file's tensors on two threads) — pass ``False``
         only when `open_checkpoint` already verified them and the file cannot
         have changed since. The header is always re-read from the mapping
-        and checked against the manifest's index."""
+        and checked against the manifest's index.
+
+        ``only`` (with ``verify``) hashes, of a format-2 file, the header and
+        just the named tensors — for callers that share one file's
+        verification among processes reading the same file and agree on the
+        verdict (the DDP loader); a name the file does not hold raises
+        `UsageError`. A format-1 file is always verified whole (its one
+        digest covers every byte)."""
         entry = self._entry(role)
+        if only is not None:
+            unknown = sorted(set(only) - set(entry.tensors))
+            if isinstance(only, (str, bytes)) or unknown:
+                raise UsageError(
+                    f"open_file({role!r}, only=...): {unknown[:3] or only!r:.100} are not tensors "
+                    f"of {entry.path!r}; pass a collection of its tensor names"
+                )
         label = self.label
         if not self._lazy:
             data = self._data[role]
@@ -598,7 +625,7 @@ class Checkpoint:
             header = read_safetensors_header(view, name=f"{label}: file {entry.path!r}")
             _check_index(header, entry, label)
             if verify:
-                _verify_digests(view, header, entry, label)
+                _verify_digests(view, header, entry, label, only=only)
         except BaseException:
             view.release()
             with contextlib.suppress(BufferError):  # a traceback may still hold a slice
@@ -1040,11 +1067,18 @@ def _tensor_mismatch(
     )
 
 
-def _tensor_digests(view: memoryview, header: SafetensorsHeader) -> dict[str, str]:
-    """Every tensor's SHA-256, in the header's order, on two threads when the
-    file is large (the digests are independent: CKPT-25)."""
+def _tensor_digests(
+    view: memoryview, header: SafetensorsHeader, only: Collection[str] | None = None
+) -> dict[str, str]:
+    """Every tensor's SHA-256 (or those named in ``only``), in the header's
+    order, on two threads when the file is large (the digests are
+    independent: CKPT-25)."""
     start = header.data_start
-    spans = [(name, start + info.begin, start + info.end) for name, info in header.tensors.items()]
+    spans = [
+        (name, start + info.begin, start + info.end)
+        for name, info in header.tensors.items()
+        if only is None or name in only
+    ]
     total = sum(end - begin for _, begin, end in spans)
     if total < _PARALLEL_HASH_BYTES or len(spans) < 2 or (os.cpu_count() or 1) < 2:
         return {name: _hex(view[begin:end]) for name, begin, end in spans}
@@ -1060,10 +1094,11 @@ def _verify_digests(
     label: str,
     *,
     file_verified: bool = False,
+    only: Collection[str] | None = None,
 ) -> None:
     """Compare the file's digest (format 1: of all its bytes; format 2: of
-    its header) unless ``file_verified``, then every tensor's, with the
-    manifest — the file's first."""
+    its header) unless ``file_verified``, then every tensor's (format 2:
+    those in ``only``, when given), with the manifest — the file's first."""
     data = memoryview(view)
     try:
         if entry.header_sha256 is not None:
@@ -1071,7 +1106,7 @@ def _verify_digests(
                 digest = _hex(data[: header.data_start])
                 if digest != entry.header_sha256:
                     raise _file_mismatch(label, entry, digest)
-            digests = _tensor_digests(data, header)
+            digests = _tensor_digests(data, header, only)
         else:
             side = _Side(hashlib.sha256(), not file_verified and len(data) >= _PARALLEL_HASH_BYTES)
             try:
@@ -1495,7 +1530,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
     declared size) and validates its header against the manifest's index,
     reading only the headers. With ``verify`` (the default) each file is then
     streamed once through SHA-256 in bounded chunks and its file's (format
-    1) or header's (format 2) and its tensors' digests compared with the manifest before this returns (CKPT-7);
+    1) or header's (format 2) and its tensors' digests compared with the
+    manifest before this returns (CKPT-7, CKPT-25);
     without it they are checked when a file is read
     (`Checkpoint.read_file`, `Checkpoint.open_file`). The returned
     `Checkpoint` holds one descriptor per file, which keeps the files it
