@@ -76,23 +76,29 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and bool(a == b)
 
 
-def refuse_program(rank: int, world_size: int, out_dir: str, case: str) -> None:
-    """Save a mid-window checkpoint (7 microbatches: 2 steps, position 1), copy it
-    to ``copy<r>`` for every rank, spoil rank 1's copy (``case``), then load
-    ``copy<r>`` on every rank into objects in another state: record what each
-    rank raised and whether everything stayed bitwise the same."""
-    out = Path(out_dir)
+def _save_mid_window(out: Path, rank: int, world_size: int) -> None:
+    """Every rank saves a mid-window checkpoint (7 microbatches: 2 steps,
+    position 1) to ``out/mid``; rank 0 copies it to ``copy<r>`` for every rank."""
     ddp, acc = _build(0)
     _train(ddp, acc, 7, seed=1)
     acc.save(out / "mid")
     if rank == 0:
         for r in range(world_size):
             shutil.copytree(out / "mid", out / f"copy{r}")
-        if case == "checksum":
-            spoilt = out / "copy1" / "gradients.rank1.safetensors"
-            data = bytearray(spoilt.read_bytes())
-            data[-3] ^= 0x10
-            spoilt.write_bytes(bytes(data))
+
+
+def refuse_program(rank: int, world_size: int, out_dir: str, case: str) -> None:
+    """Save a mid-window checkpoint (7 microbatches: 2 steps, position 1), copy it
+    to ``copy<r>`` for every rank, spoil rank 1's copy (``case``), then load
+    ``copy<r>`` on every rank into objects in another state: record what each
+    rank raised and whether everything stayed bitwise the same."""
+    out = Path(out_dir)
+    _save_mid_window(out, rank, world_size)
+    if rank == 0 and case == "checksum":
+        spoilt = out / "copy1" / "gradients.rank1.safetensors"
+        data = bytearray(spoilt.read_bytes())
+        data[-3] ^= 0x10
+        spoilt.write_bytes(bytes(data))
     dist.barrier()
     ddp2, acc2 = _build(5)
     _train(ddp2, acc2, 4, seed=9)
@@ -171,12 +177,8 @@ def shared_verify_program(rank: int, world_size: int, out_dir: str) -> None:
     from gradaccum_torch.checkpoint import verification_share
 
     out = Path(out_dir)
-    ddp, acc = _build(0)
-    _train(ddp, acc, 7, seed=1)
-    acc.save(out / "mid")
+    _save_mid_window(out, rank, world_size)
     if rank == 0:
-        for r in range(world_size):
-            shutil.copytree(out / "mid", out / f"copy{r}")
         shutil.copytree(out / "mid", out / "spoilt")
         with read_checkpoint(out / "spoilt") as ck:
             victim = sorted(verification_share(ck, "model", (1, world_size)))[0]

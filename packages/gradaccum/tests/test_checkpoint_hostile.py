@@ -76,9 +76,8 @@ GRADIENTS = {
 }
 
 
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
-    path = tmp_path / "ckpt"
+def write_small(path: Path, format_version: int = 2) -> Path:
+    """A small mid-window checkpoint (gradients and optimizer metadata) at ``path``."""
     write_checkpoint(
         path,
         state=STATE,
@@ -86,8 +85,14 @@ def ckpt(tmp_path: Path) -> Path:
         files={"gradients": encode_safetensors(GRADIENTS)},
         producer=PRODUCER,
         metadata={"optimizer": {"param_groups": [{"lr": 0.01, "betas": [0.9, 0.999]}]}},
+        format_version=format_version,
     )
     return path
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    return write_small(tmp_path / "ckpt")
 
 
 def reseal(ckpt: Path) -> None:
@@ -418,15 +423,7 @@ def test_deleted_sidecar_of_new_manifest_refused(ckpt: Path, tmp_path: Path) -> 
     one (format 1) without their manifest.sha256 are refused."""
     (ckpt / "manifest.sha256").unlink()
     refused(ckpt, r"says spec 2\.0\.0, whose checkpoints always have manifest.sha256")
-    old = tmp_path / "format1"
-    write_checkpoint(
-        old,
-        state=STATE,
-        config=CONFIG,
-        files={"gradients": encode_safetensors(GRADIENTS)},
-        producer=PRODUCER,
-        format_version=1,
-    )
+    old = write_small(tmp_path / "format1", format_version=1)
     (old / "manifest.sha256").unlink()
     refused(old, r"says spec 1\.2\.0, whose checkpoints always have manifest.sha256")
 
