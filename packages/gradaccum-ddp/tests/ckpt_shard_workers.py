@@ -222,3 +222,58 @@ def shared_verify_program(rank: int, world_size: int, out_dir: str) -> None:
     with read_checkpoint(out / "mid") as ck:
         result["tensors"] = {role: sorted(ck.manifest.files[role].tensors) for role in ck.roles}
     write_json(out / f"shared.rank{rank}.json", result)
+
+
+def buffers_program(rank: int, world_size: int, out_dir: str) -> None:
+    """A model with BatchNorm under DDP: each forward updates the running
+    statistics from the rank's own batch (``broadcast_buffers`` re-syncs them
+    only at the next forward), so at a save they differ between ranks. Record
+    each rank's running mean and the checkpoint's."""
+    from gradaccum.checkpoint import read_checkpoint
+    from gradaccum_torch.tensor_io import tensor_views
+
+    out = Path(out_dir)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)).double()
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=0.01)
+    acc = DDPAccumulator(ddp, opt, steps=2)
+    for j in range(3):
+        gen = torch.Generator().manual_seed(1000 * rank + j)
+        x = torch.randn(5, 4, generator=gen, dtype=torch.float64) * (1 + rank)
+        with acc.microbatch():
+            acc.backward(ddp(x).square().mean())
+    acc.save(out / "bn")
+    result: dict[str, Any] = {"running_mean": model[1].running_mean.tolist()}
+    if rank == 0:
+        with read_checkpoint(out / "bn") as ck, ck.open_file("model") as tf:
+            result["saved_running_mean"] = tensor_views(tf)["1.running_mean"].tolist()
+    dist.barrier()
+    write_json(out / f"buffers.rank{rank}.json", result)
+
+
+def race_program(rank: int, world_size: int, out_dir: str) -> None:
+    """Both ranks load ``mid``, but rank 1's open is redirected to ``other``
+    (standing in for a directory replaced between the ranks' manifest check
+    and their opening it, a race this test cannot time): record what each
+    rank raised and whether its objects stayed bitwise the same."""
+    import gradaccum_ddp.checkpoint as ckpt_module
+
+    out = Path(out_dir)
+    _save_mid_window(out, rank, world_size)
+    ddp, acc = _build(1)
+    _train(ddp, acc, 5, seed=4)
+    acc.save(out / "other")
+    ddp2, acc2 = _build(5)
+    _train(ddp2, acc2, 4, seed=9)
+    before = _snapshot(ddp2, acc2)
+    if rank == 1:
+        real_open = ckpt_module.open_for_load
+        ckpt_module.open_for_load = lambda path: real_open(out / "other")  # type: ignore[assignment]
+    result: dict[str, Any] = {"raised": None}
+    try:
+        acc2.load(out / "mid")
+    except Exception as exc:
+        result["raised"] = error_info(exc)
+    result["unchanged"] = _same(before, _snapshot(ddp2, acc2))
+    write_json(out / f"race.rank{rank}.json", result)

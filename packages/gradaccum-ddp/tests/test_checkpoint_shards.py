@@ -63,12 +63,12 @@ def test_per_rank_and_through_rank_zero_writes_agree(tmp_path: Path) -> None:
         assert rank_result["shared"]["position"] == 0  # 7 + 2 microbatches: a boundary
         assert rank_result["auto"] == rank_result["shared"]
         assert rank_result["gather"] == rank_result["shared"]
-    # CKPT-22: where every rank sees the directory, the replicated files are spread: the
-    # larger (AdamW's optimizer state, twice the model) to rank 0 (equal own bytes: the
-    # lowest rank), the model to rank 1; through rank 0, rank 0 writes every file.
+    # CKPT-22: where every rank sees the directory, the optimizer file goes to the rank with
+    # the fewest bytes to write — rank 1, since rank 0 always writes the model; through
+    # rank 0, rank 0 writes every file.
     for mode in ("shared", "auto"):
-        assert rank0[f"{mode}_wrote"] == ["gradients.rank0", "items.rank0", "optimizer"], mode
-        assert rank1[f"{mode}_wrote"] == ["gradients.rank1", "items.rank1", "model"], mode
+        assert rank0[f"{mode}_wrote"] == ["gradients.rank0", "items.rank0", "model"], mode
+        assert rank1[f"{mode}_wrote"] == ["gradients.rank1", "items.rank1", "optimizer"], mode
     assert rank0["gather_wrote"] == sorted(roles)
     assert rank1["gather_wrote"] == []
 
@@ -134,3 +134,28 @@ def test_ranks_reading_the_same_files_split_their_verification(tmp_path: Path) -
     assert rank0["spoilt"]["raised"]["type"] == "DistributedError"
     assert "rank(s) [1]" in rank0["spoilt"]["raised"]["message"]
     assert rank0["spoilt"]["unchanged"] is True and rank1["spoilt"]["unchanged"] is True
+
+
+def test_model_file_holds_rank_zeros_buffers(tmp_path: Path) -> None:
+    """CKPT-22, ACC-R3: with BatchNorm under DDP the running statistics differ
+    between the ranks at a save (each forward updates them from the rank's own
+    batch); the checkpoint's model file holds rank 0's, as it always has,
+    whichever rank writes the optimizer file."""
+    result = launch(W.buffers_program, 2, str(tmp_path), timeout=180)
+    assert result.ok, f"the ranks failed: {result}"
+    rank0, rank1 = _results(tmp_path, "buffers")
+    assert rank0["running_mean"] != rank1["running_mean"]
+    assert rank0["saved_running_mean"] == rank0["running_mean"]
+
+
+def test_ranks_that_opened_different_checkpoints_apply_nothing(tmp_path: Path) -> None:
+    """CKPT-24, ACC-E: when the ranks agree on the manifest read by path but
+    then open different checkpoints (the directory replaced in between; here
+    rank 1's open is redirected), every rank raises DistributedError naming
+    the cause and none changed anything."""
+    result = launch(W.race_program, 2, str(tmp_path), timeout=180)
+    assert result.ok, f"the ranks failed: {result}"
+    for r in _results(tmp_path, "race"):
+        assert r["raised"]["type"] == "DistributedError", r["raised"]
+        assert "opened different checkpoints" in r["raised"]["message"]
+        assert r["unchanged"] is True

@@ -12,9 +12,10 @@ import torch
 from ckpt_helpers import reseal
 from conftest import Batch, make_batches, make_model, params_of, sum_loss
 
-from gradaccum.checkpoint import read_checkpoint
-from gradaccum.errors import CheckpointChecksumError
+from gradaccum.checkpoint import open_checkpoint, read_checkpoint
+from gradaccum.errors import CheckpointChecksumError, UsageError
 from gradaccum_torch import Accumulator
+from gradaccum_torch.checkpoint import prepare_load, verification_share
 
 SIZES = [3, 2, 4, 1, 3, 2, 5, 2, 3, 1]
 
@@ -221,3 +222,29 @@ def test_scaler_state_round_trips(tmp_path: Path) -> None:
     acc2.load(tmp_path / "ckpt")
     assert scaler2.get_scale() == scaler.get_scale()
     assert scaler2.state_dict() == scaler.state_dict()
+
+
+def test_verification_shares_cover_every_tensor_once(tmp_path: Path) -> None:
+    """CKPT-25: verification_share splits a file's tensors among n processes,
+    disjoint, covering every tensor, balanced by bytes (largest first, to the
+    process with the fewest bytes so far); prepare_load refuses a share that
+    is not (index, count) with 0 <= index < count, before anything changes."""
+    model, acc = _build("mean")
+    _run(acc, model, make_batches(SIZES)[:6], "mean")  # one optimizer step: Adam state
+    acc.save(tmp_path / "c")
+    with open_checkpoint(tmp_path / "c", verify=False) as ck:
+        names = set(ck.manifest.files["optimizer"].tensors)
+        assert len(names) >= 8
+        sizes = {n: ck.header("optimizer").tensors[n].nbytes for n in names}
+        for n in (1, 2, 3, 7):
+            parts = [verification_share(ck, "optimizer", (i, n)) for i in range(n)]
+            assert set().union(*parts) == names
+            assert sum(len(p) for p in parts) == len(names)
+            loads = [sum(sizes[t] for t in p) for p in parts]
+            assert max(loads) - min(loads) <= max(sizes.values()), (n, loads)
+    before = params_of(model)
+    for bad in [(2, 2), (0, 0), (-1, 2), (0.0, 1), [0, 1], (0, 1, 2)]:
+        with pytest.raises(UsageError, match="must be \\(index, count\\)"):
+            prepare_load(acc, tmp_path / "c", share=bad)  # type: ignore[arg-type]
+    for a, b in zip(before, params_of(model), strict=True):
+        assert torch.equal(a, b)

@@ -289,6 +289,7 @@ def test_checkpoint_of_an_older_writer_still_loads(base: Path, tmp_path: Path) -
         files=files,
         producer=Producer("gradaccum-torch", "0.1.0"),
         metadata=metadata,
+        format_version=1,  # what writers before format 2 wrote
     )
     (tmp_path / "old" / MANIFEST_SHA256_NAME).unlink()
     manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())

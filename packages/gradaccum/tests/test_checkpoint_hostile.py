@@ -422,10 +422,24 @@ def test_deleted_sidecar_of_new_manifest_refused(ckpt: Path, tmp_path: Path) -> 
     """CKPT-21, CKPT-25: a spec-2.0.0 manifest (format 2) and a spec-1.2.0
     one (format 1) without their manifest.sha256 are refused."""
     (ckpt / "manifest.sha256").unlink()
-    refused(ckpt, r"says spec 2\.0\.0, whose checkpoints always have manifest.sha256")
+    refused(
+        ckpt,
+        r"says format version 2 \(spec 2\.0\.0\), whose checkpoints always have manifest.sha256",
+    )
     old = write_small(tmp_path / "format1", format_version=1)
     (old / "manifest.sha256").unlink()
     refused(old, r"says spec 1\.2\.0, whose checkpoints always have manifest.sha256")
+
+
+def test_format_2_manifest_cannot_opt_out_of_its_sidecar(ckpt: Path) -> None:
+    """CKPT-21, CKPT-25: a format-2 manifest edited to claim an old spec
+    version (whose checkpoints had no manifest.sha256) and stripped of its
+    manifest.sha256 is still refused: every format-2 checkpoint has one."""
+    doc = json.loads((ckpt / "manifest.json").read_text())
+    doc["spec_version"] = "1.0.0"
+    (ckpt / "manifest.json").write_text(json.dumps(doc))
+    (ckpt / "manifest.sha256").unlink()
+    refused(ckpt, r"says format version 2 \(spec 1\.0\.0\), whose checkpoints always have")
 
 
 def test_old_checkpoint_without_sidecar_reads_unprotected(

@@ -453,6 +453,33 @@ def test_every_byte_is_covered(ckpt: Path) -> None:
     assert read_checkpoint(ckpt).tensors("optimizer") == OPTIMIZER
 
 
+def test_damaged_header_of_a_large_file_is_a_checksum_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CKPT-7, CKPT-25: a format-2 file whose header no longer parses is
+    reported as a checksum mismatch whatever the file's size (its header
+    digest reads at most 8 + 100 MB); format 1 digests the whole file on
+    that path only up to a size limit (here patched to 100 bytes), beyond
+    it the header's defect itself is reported."""
+    import gradaccum.checkpoint.store as store
+
+    monkeypatch.setattr(store, "_DIGEST_ON_ERROR_LIMIT", 100)
+    for version in (2, 1):
+        path = tmp_path / f"v{version}"
+        write(path, format_version=version)
+        f = path / "optimizer.safetensors"
+        blob = bytearray(f.read_bytes())
+        assert len(blob) > 100
+        blob[9] = ord("[")  # the header's second byte, '"', becomes '[': no longer JSON
+        f.write_bytes(blob)
+        for read in (read_checkpoint, validate_checkpoint):
+            with pytest.raises(CheckpointCorruptError) as info:
+                read(path)
+            assert isinstance(info.value, CheckpointChecksumError) == (version == 2), version
+            if version == 2:
+                assert "the header of file 'optimizer.safetensors'" in str(info.value)
+
+
 def test_flipped_data_byte_with_consistent_file_hash(ckpt: Path) -> None:
     """CKPT-7: a tensor whose bytes differ from its recorded SHA-256 is
     refused even when the file-level fields were updated to match."""

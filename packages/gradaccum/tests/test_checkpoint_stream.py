@@ -509,7 +509,7 @@ def test_sharded_failures_leave_previous(tmp_path: Path) -> None:
     e1 = write_shard(path, token=TOKEN, files=shard_files(1))
     e1["gradients.rank1"] = e0["gradients.rank0"].__class__(
         "gradients.rank1.safetensors", e1["gradients.rank1"].size, None,
-        e1["gradients.rank1"].tensors, "ab" * 32,
+        e1["gradients.rank1"].tensors, header_sha256="ab" * 32,
     )  # fmt: skip
     with pytest.raises(
         CheckpointChecksumError, match=r"header of file 'gradients\.rank1\.safetensors' has SHA"

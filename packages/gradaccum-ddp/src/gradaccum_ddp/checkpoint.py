@@ -26,14 +26,15 @@ Saving (every rank calls `save_distributed` at the same point):
 3. every rank that sees the staging directory (a file system all ranks share,
    the assumption ``torch.distributed.checkpoint`` makes) writes its own files
    into it straight from its tensors, hashing while it writes
-   (``write_shard``); the model and optimizer files, which every rank holds
-   identically, are spread over those ranks — each, largest first, to the rank
-   with the fewest bytes to write so far (ties: the lowest rank), as
-   ``torch.distributed.checkpoint`` spreads replicated tensors — so that no
-   rank writes everything while the others wait (the ranks first all-gather
-   who sees the directory, how many bytes of its own it writes and a digest of
-   the replicated files' names and sizes; if those digests differ, rank 0
-   writes the replicated files); the files of a rank that does not see the
+   (``write_shard``); the optimizer file, which every rank holds identically,
+   goes to the rank with the fewest bytes to write (ties: the lowest rank;
+   rank 0 counts the model file, which it always writes: a model's buffers,
+   such as BatchNorm running statistics, may differ between ranks until the
+   next forward), as ``torch.distributed.checkpoint`` spreads replicated
+   tensors, so that no rank writes everything while the others wait (the
+   ranks first all-gather who sees the directory, how many bytes of its own
+   it writes and a digest of the spread files' names and sizes; if those
+   digests differ, rank 0 writes them); the files of a rank that does not see the
    directory (one only rank 0 sees) travel to rank 0 as uint8 tensors, one
    rank at a time, and rank 0 writes them — so rank 0 never holds more than
    one other rank's files;
@@ -47,9 +48,15 @@ Saving (every rank calls `save_distributed` at the same point):
    complete checkpoint.
 
 Loading (every rank calls `load_distributed`): the ranks first agree that
-they read the same manifest; every rank then verifies and checks, against its
-own live objects, everything it will restore (`prepare_load`); the ranks
-all-gather an ok flag and only when every rank is ready does any rank apply.
+they read the same manifest — read by path, then once more as opened, so a
+directory replaced in between is caught —; every rank then verifies and
+checks, against its own live objects, everything it will restore
+(`prepare_load`): its own files whole, and of the model and optimizer files,
+when other ranks opened the very same files on the same machine (same kernel
+boot id, device, inode, size, modification time), only its share of the
+tensors (`gradaccum_torch.checkpoint.verification_share`) and every header;
+the ranks all-gather an ok flag and only when every rank is ready does any
+rank apply, so every share's verdict is every rank's.
 If any rank refuses, every rank raises and none changed anything; if applying
 fails on some rank, the ranks that applied put their optimizer, scheduler,
 scaler and accumulation state back before the model is touched, and every
@@ -106,7 +113,7 @@ from gradaccum_torch.tensor_io import tensors_to_bytes
 if TYPE_CHECKING:
     from gradaccum_torch import Accumulator
 
-__all__ = ["load_distributed", "save_distributed"]
+__all__ = ["SPREAD_ROLES", "assign_replicated", "load_distributed", "save_distributed"]
 
 _PER_RANK_KEYS = ("items_in_window", "items_total")
 
@@ -220,17 +227,22 @@ def save_distributed(
         own_files = {role: src for role, src in files.items() if role.endswith(f".rank{rank}")}
         shared_files = {r: s for r, s in files.items() if r not in own_files}
         writes = sees or rank == 0
-        shared_sizes = {role: _file_size(src) for role, src in shared_files.items()}
+        shared_sizes = {
+            role: _file_size(src) for role, src in shared_files.items() if role in SPREAD_ROLES
+        }
         own_bytes = sum(_file_size(src) for src in own_files.values())
+        if rank == 0:  # rank 0 writes every replicated file that is not spread (the model)
+            own_bytes += sum(
+                _file_size(src) for role, src in shared_files.items() if role not in SPREAD_ROLES
+            )
         with communication_errors("the checkpoint's write plan", rank):
             plan = gather_rows(
                 [Tag.SAVE, int(writes), own_bytes, digest(sorted(shared_sizes.items()))],
                 group,
                 device,
             )
-        mine = [
-            role for role, writer in assign_replicated(shared_sizes, plan).items() if writer == rank
-        ]
+        spread = assign_replicated(shared_sizes, plan)
+        mine = [role for role in shared_files if spread.get(role, 0) == rank]  # else rank 0's
         entries: dict[str, FileEntry] = {}
         blob = b""
         try:
@@ -308,10 +320,15 @@ def _file_size(source: Any) -> int:
     return int(sum(t.nbytes for t in source.values()))
 
 
+#: The replicated files a save spreads over the ranks (`assign_replicated`);
+#: the others (the model) rank 0 writes.
+SPREAD_ROLES = ("optimizer",)
+
+
 def assign_replicated(sizes: dict[str, int], plan: list[list[int]]) -> dict[str, int]:
-    """Which rank writes each replicated file (model, optimizer), given each
-    rank's row ``[tag, writes, own bytes, digest of the replicated files'
-    names and sizes]``: largest file first, to the writing rank with the
+    """Which rank writes each spread file (`SPREAD_ROLES`: the optimizer's),
+    given each rank's row ``[tag, writes, own bytes, digest of the spread
+    files' names and sizes]``: largest file first, to the writing rank with the
     fewest bytes so far (ties: the lowest rank). Every rank computes the same
     answer from the same rows; when the ranks' digests differ (their
     replicated files are not alike), rank 0 writes them all."""
@@ -421,14 +438,20 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
         # their verification (each hashes its part; step 1 below makes every
         # rank's verdict everyone's before anything is applied).
         mine = _replica_identity(ckpt) if ckpt is not None else 0
+        opened = digest(ckpt.manifest.to_json_dict()) if ckpt is not None else 0
         with communication_errors("the checkpoint's agreement step", rank):
-            rows = gather_rows([Tag.LOADED, int(error is None), 0, mine], group, device)
+            rows = gather_rows([Tag.LOADED, int(error is None), 0, mine, opened], group, device)
         if any(row[2] != 0 for row in rows):
             raise DistributedError(describe(rows))
-        world = len(rows)
-        alike = world > 1 and mine != 0 and all(row[1] and row[3] == mine for row in rows)
-        share = (rank, world) if alike else None
-        if error is None and ckpt is not None:
+        if error is None and any(row[1] and row[4] != opened for row in rows):
+            error = DistributedError(
+                f"rank {rank}: the ranks opened different checkpoints at {_shown(path)!r} (the "
+                "directory was replaced while they opened it); nothing was changed — load again "
+                "when no process is writing it"
+            )
+        peers = [r for r, row in enumerate(rows) if row[1] and row[3] == mine]
+        share = (peers.index(rank), len(peers)) if mine != 0 and len(peers) > 1 else None
+        if error is None and ckpt is not None and all(row[1] for row in rows):
             try:
                 plan = prepare_load(acc, ckpt, rank=rank, share=share)
             except Exception as exc:
@@ -472,6 +495,13 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
             plan.close()
         if ckpt is not None:
             ckpt.close()
+
+
+def _shown(path: Any) -> str:
+    try:
+        return str(os.fspath(path))
+    except TypeError:
+        return repr(path)
 
 
 def _replica_identity(ckpt: Checkpoint) -> int:

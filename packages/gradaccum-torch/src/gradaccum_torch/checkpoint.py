@@ -42,6 +42,7 @@ from gradaccum.errors import (
     CheckpointError,
     CheckpointMismatchError,
     GradAccumError,
+    UsageError,
 )
 from gradaccum.state import AccumulationState
 from gradaccum_torch.naming import canonical_name
@@ -404,6 +405,15 @@ def prepare_load(
     format-2 files (`REPLICATED_ROLES`), only its part
     (`verification_share`) and every header; its own files it always
     verifies whole."""
+    if share is not None and not (
+        isinstance(share, tuple)
+        and len(share) == 2
+        and all(type(v) is int for v in share)
+        and 0 <= share[0] < share[1]
+    ):
+        raise UsageError(
+            f"share={share!r:.60} must be (index, count) with 0 <= index < count, or None"
+        )
     ckpt = path if isinstance(path, Checkpoint) else open_for_load(path)
     where = f"checkpoint at {_shown(ckpt.path)!r}"
     try:

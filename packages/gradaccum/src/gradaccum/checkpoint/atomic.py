@@ -168,6 +168,9 @@ def write_file(path: Path, data: bytes | bytearray | memoryview | Chunks) -> Non
             os.fsync(fd)
         finally:
             os.close(fd)
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # a generator: join its hashing threads and drop its buffers now
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)

@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -146,7 +146,7 @@ class FileEntry:
     size: int
     sha256: str | None
     tensors: Mapping[str, TensorEntry]
-    header_sha256: str | None = None
+    header_sha256: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if (self.sha256 is None) == (self.header_sha256 is None):
@@ -448,7 +448,7 @@ def _file_entry(role: str, entry: dict[str, Any], where: str, fix: str) -> FileE
         tensors[name] = TensorEntry(t["dtype"], shape, sha)
     if "header_sha256" in entry:  # format version 2 (CKPT-25)
         header = _check_sha(entry["header_sha256"], ("files", role, "header_sha256"), where, fix)
-        return FileEntry(entry["path"], size, None, MappingProxyType(tensors), header)
+        return FileEntry(entry["path"], size, None, MappingProxyType(tensors), header_sha256=header)
     sha = _check_sha(entry["sha256"], ("files", role, "sha256"), where, fix)
     return FileEntry(entry["path"], size, sha, MappingProxyType(tensors))
 

@@ -159,8 +159,12 @@ class TensorSource:
     ``dtype`` is a safetensors dtype name (``"F32"``, ``"BF16"``, ...),
     ``shape`` its shape, ``data`` its C-contiguous little-endian bytes — any
     buffer (``bytes``, ``memoryview``, a NumPy array) — or a zero-argument
-    callable returning them, called once, when this tensor is written, so a
-    writer never holds more than one tensor's host copy. Construction checks
+    callable returning them, called once, when the writer reaches this
+    tensor. The buffer must not change until the write returns: it is hashed
+    on a helper thread while it is written and while the next tensors are
+    produced — at most two tensors ahead and, beyond the first, 256 MiB — so
+    a writer holds at most three host copies, never a whole file (a callable
+    must return a fresh buffer each time, not reuse one). Construction checks
     ``dtype`` and ``shape`` (`UsageError`); the length of ``data`` is checked
     when it is written (``prod(shape) * itemsize`` bytes, else `UsageError`).
     """
@@ -213,7 +217,7 @@ class _Planned:
             self.size,
             self.sha256,
             MappingProxyType(dict(self.tensors)),
-            self.header_sha256,
+            header_sha256=self.header_sha256,
         )
 
 
@@ -1357,9 +1361,14 @@ def _open_directory(handle: _Dir, label: str) -> _Opened:
         sidecar = handle.read_small(MANIFEST_SHA256_NAME, _MAX_SIDECAR_BYTES, label)
         check_manifest_sidecar(raw, sidecar, label)
     manifest = parse_manifest_bytes(raw, label)
-    if not protected and requires_sidecar(manifest.spec_version):
+    if not protected and (manifest.format_version >= 2 or requires_sidecar(manifest.spec_version)):
+        kind = (
+            f"spec {manifest.spec_version}"
+            if manifest.format_version == 1
+            else f"format version {manifest.format_version} (spec {manifest.spec_version})"
+        )
         raise CheckpointCorruptError(
-            f"{label}: the manifest says spec {manifest.spec_version}, whose checkpoints always "
+            f"{label}: the manifest says {kind}, whose checkpoints always "
             f"have {MANIFEST_SHA256_NAME}, but the directory has none (deleted, or the manifest "
             "was edited); restore it from a copy or take a new checkpoint"
         )
@@ -1399,7 +1408,8 @@ def _open_directory(handle: _Dir, label: str) -> _Opened:
                 # CKPT-7's order: a (small enough) file whose bytes are not the
                 # recorded ones is reported as a checksum mismatch, not by its
                 # first symptom.
-                if size <= _DIGEST_ON_ERROR_LIMIT:
+                # (format 2's digest covers only the header: at most 8 + 100 MB)
+                if size <= _DIGEST_ON_ERROR_LIMIT or entry.header_sha256 is not None:
                     digest = _file_digest(fd, size, entry)
                     if digest != (entry.sha256 or entry.header_sha256):
                         raise _file_mismatch(label, entry, digest) from None
