@@ -219,7 +219,7 @@ def save_distributed(
                 staged = True
             except Exception as exc:
                 error = exc
-        _step(rank, group, device, error, 1, "rank 0 could not stage the checkpoint")
+        _agree(Tag.SAVE, rank, group, device, error, 1, "rank 0 could not stage the checkpoint")
         # 3. every rank that sees the staging directory writes its own files
         sees = shared is not False and os.path.isdir(
             temporary_path(Path(os.path.abspath(os.fspath(path))), token)
@@ -343,22 +343,6 @@ def assign_replicated(sizes: dict[str, int], plan: list[list[int]]) -> dict[str,
     return out
 
 
-def _step(
-    rank: int,
-    group: Any,
-    device: torch.device,
-    error: BaseException | None,
-    phase: int,
-    consequence: str,
-) -> None:
-    """One agreement row ``[SAVE, ok, phase]``: raise on every rank unless all are ok."""
-    with communication_errors("the checkpoint's agreement step", rank):
-        rows = gather_rows([Tag.SAVE, int(error is None), phase], group, device)
-    if any(row[2] != phase for row in rows):
-        raise DistributedError(describe(rows))
-    _raise_failures(rows, Tag.SAVE, rank, error, consequence, ok_at=1)
-
-
 def _source_bytes(files: Any) -> bytes:
     """A role's safetensors bytes: ``files`` is already bytes, or tensor sources."""
     if isinstance(files, (bytes, bytearray, memoryview)):
@@ -445,9 +429,9 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
             raise DistributedError(describe(rows))
         if error is None and any(row[1] and row[4] != opened for row in rows):
             error = DistributedError(
-                f"rank {rank}: the ranks opened different checkpoints at {_shown(path)!r} (the "
-                "directory was replaced while they opened it); nothing was changed — load again "
-                "when no process is writing it"
+                f"rank {rank}: the ranks opened different checkpoints at "
+                f"{str(os.fspath(path))!r} (the directory was replaced while they opened "
+                "it); nothing was changed — load again when no process is writing it"
             )
         peers = [r for r, row in enumerate(rows) if row[1] and row[3] == mine]
         share = (peers.index(rank), len(peers)) if mine != 0 and len(peers) > 1 else None
@@ -457,14 +441,15 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
             except Exception as exc:
                 error = exc
             ckpt = None  # the plan holds it now (prepare_load closes it on failure)
-        _load_step(rank, group, device, error, 1, "nothing was changed on any rank")
+        _agree(Tag.LOADED, rank, group, device, error, 1, "nothing was changed on any rank")
         assert plan is not None
         try:
             plan.apply_reversible()
         except Exception as exc:
             error = exc
         try:
-            _load_step(
+            _agree(
+                Tag.LOADED,
                 rank,
                 group,
                 device,
@@ -481,7 +466,8 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
             plan.apply_model()
         except Exception as exc:
             error = exc
-        _load_step(
+        _agree(
+            Tag.LOADED,
             rank,
             group,
             device,
@@ -495,13 +481,6 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
             plan.close()
         if ckpt is not None:
             ckpt.close()
-
-
-def _shown(path: Any) -> str:
-    try:
-        return str(os.fspath(path))
-    except TypeError:
-        return repr(path)
 
 
 def _replica_identity(ckpt: Checkpoint) -> int:
@@ -522,7 +501,8 @@ def _replica_identity(ckpt: Checkpoint) -> int:
     return digest([boot, files]) or 1
 
 
-def _load_step(
+def _agree(
+    tag: int,
     rank: int,
     group: Any,
     device: torch.device,
@@ -530,12 +510,13 @@ def _load_step(
     phase: int,
     consequence: str,
 ) -> None:
-    """One row ``[LOADED, ok, phase]``: raise on every rank unless every rank is ok."""
+    """One agreement row ``[tag, ok, phase]`` (``SAVE`` or ``LOADED``): raise on
+    every rank unless every rank is ok and at the same phase."""
     with communication_errors("the checkpoint's agreement step", rank):
-        rows = gather_rows([Tag.LOADED, int(error is None), phase], group, device)
+        rows = gather_rows([tag, int(error is None), phase], group, device)
     if any(row[2] != phase for row in rows):
         raise DistributedError(describe(rows))
-    _raise_failures(rows, Tag.LOADED, rank, error, consequence)
+    _raise_failures(rows, tag, rank, error, consequence, ok_at=1)
 
 
 def _raise_failures(

@@ -93,7 +93,6 @@ _READ_ATTEMPTS = 3
 _CHUNK = 8 * 1024 * 1024
 _MAX_SIDECAR_BYTES = 4096
 _DIGEST_ON_ERROR_LIMIT = 256 * 1024 * 1024
-_MAX_HEADER_BYTES = MAX_HEADER_BYTES
 _PARALLEL_HASH_BYTES = 16 * 1024 * 1024  # files at least this large hash on helper threads
 # A streamed write hashes on helper threads while the tensors are written: at
 # most this many tensors may be written ahead of their digests, and no more
@@ -1159,7 +1158,7 @@ def _header_span(prefix: BytesLike, size: int) -> int:
     if size < 8 or len(prefix) < 8:
         return min(size, len(prefix))
     n = int.from_bytes(bytes(prefix[:8]), "little")
-    return min(size, 8 + min(n, _MAX_HEADER_BYTES))
+    return min(size, 8 + min(n, MAX_HEADER_BYTES))
 
 
 def _recorded_digest(data: memoryview, entry: FileEntry) -> str:
