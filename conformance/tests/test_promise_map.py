@@ -1,7 +1,8 @@
 """spec/promises.md maps every spec promise to the tests that prove it; this file holds it to that.
 
 The map is one Markdown table row per promise ID of ``spec/accumulation.md``,
-``spec/checkpoint-v1.md`` and ``spec/checkpoint-v2.md``, in spec order:
+``spec/checkpoint-v1.md``, ``spec/checkpoint-v2.md`` and ``spec/checkpoint-v3.md``, in spec
+order:
 ``| ID | Promise | Scope | Proved by |``. The last cell names tests as backticked
 ``path::test_name`` (``path::Class::method`` for a method; ``suite.py::test_name`` for a
 test of ``ConformanceSuite`` in ``conformance/src/gradaccum_conformance/suite.py``) and, for a
@@ -29,7 +30,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MAP = "spec/promises.md"
-SPECS = ("spec/accumulation.md", "spec/checkpoint-v1.md", "spec/checkpoint-v2.md")
+SPECS = (
+    "spec/accumulation.md",
+    "spec/checkpoint-v1.md",
+    "spec/checkpoint-v2.md",
+    "spec/checkpoint-v3.md",
+)
 SUITE_FILE = "conformance/src/gradaccum_conformance/suite.py"
 SUITE_CLASS = "ConformanceSuite"
 SUITE_ALIAS = "suite.py"
@@ -43,7 +49,8 @@ SEPARATOR_RE = re.compile(r"^\|(\s*:?-{3,}:?\s*\|)+\s*$")
 
 
 def spec_ids(root: Path = ROOT) -> list[str]:
-    """Every promise ID of the spec files, in spec order (format 1's CKPT IDs, then format 2's)."""
+    """Every promise ID of the spec files, in spec order (format 1's CKPT IDs, then format 2's
+    and format 3's)."""
     accumulation = (root / SPECS[0]).read_text(encoding="utf-8")
     checkpoint = "\n".join((root / spec).read_text(encoding="utf-8") for spec in SPECS[1:])
     return re.findall(r"^- \*\*(ACC-[A-Z][0-9]+)\*\*", accumulation, re.MULTILINE) + re.findall(

@@ -277,3 +277,34 @@ def race_program(rank: int, world_size: int, out_dir: str) -> None:
         result["raised"] = error_info(exc)
     result["unchanged"] = _same(before, _snapshot(ddp2, acc2))
     write_json(out / f"race.rank{rank}.json", result)
+
+
+def formats_program(rank: int, world_size: int, out_dir: str) -> None:
+    """Save one mid-window state in format 3 (the default), in format 2 (each
+    rank writing its own files) and in format 2 through rank 0; then try
+    saves on which the ranks disagree on the format version, or one rank
+    passes one this release does not write; load each written checkpoint
+    into fresh objects and record the parameters after one more window."""
+    from gradaccum.errors import GradAccumError
+
+    out = Path(out_dir)
+    result: dict[str, Any] = {}
+    ddp, acc = _build(0)
+    _train(ddp, acc, 7, seed=1)
+    acc.save(out / "v3")
+    acc.save(out / "v2", format_version=2)
+    save_distributed(acc, out / "v2-gather", shared=False, format_version=2)
+    for name, versions in (("mixed", (3, 2)), ("invalid", (3, 7))):
+        try:
+            acc.save(out / name, format_version=versions[rank])
+            result[name] = None
+        except Exception as exc:
+            result[name] = error_info(exc)
+            result[f"{name}_gradaccum"] = isinstance(exc, GradAccumError)
+        result[f"{name}_position"] = acc.stats.position
+    for name in ("v3", "v2", "v2-gather"):
+        ddp2, acc2 = _build(4)
+        acc2.load(out / name)
+        _train(ddp2, acc2, 2, seed=3)
+        result[name] = [p.detach().reshape(-1).tolist() for p in ddp2.parameters()]
+    write_json(out / f"formats.rank{rank}.json", result)

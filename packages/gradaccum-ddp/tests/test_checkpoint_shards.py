@@ -159,3 +159,38 @@ def test_ranks_that_opened_different_checkpoints_apply_nothing(tmp_path: Path) -
         assert r["raised"]["type"] == "DistributedError", r["raised"]
         assert "opened different checkpoints" in r["raised"]["message"]
         assert r["unchanged"] is True
+
+
+def test_ranks_save_in_the_format_version_asked_and_agree_on_it(tmp_path: Path) -> None:
+    """CKPT-25, CKPT-26: on 2 ranks ``save(format_version=2)`` writes format 2
+    (each rank its own files, or every file through rank 0) and the default
+    writes format 3; all three hold the same tensors and resume to the same
+    parameters. Ranks passing different format versions, or one passing a
+    version this release does not write, raise on every rank (a
+    GradAccumError) and write nothing; the open window is untouched."""
+    result = launch(W.formats_program, 2, str(tmp_path), timeout=240)
+    assert result.ok, f"the ranks failed: {result}"
+    ckpts = {name: read_checkpoint(tmp_path / name) for name in ("v3", "v2", "v2-gather")}
+    assert {n: c.manifest.format_version for n, c in ckpts.items()} == {
+        "v3": 3,
+        "v2": 2,
+        "v2-gather": 2,
+    }
+    for name, ckpt in ckpts.items():
+        algorithm = "crc32" if name == "v3" else "sha256"
+        assert {e.tensor_digest for e in ckpt.manifest.files.values()} == {algorithm}
+        assert ckpt.roles == ckpts["v3"].roles
+        for role in ckpt.roles:
+            assert ckpt.tensors(role) == ckpts["v3"].tensors(role), (name, role)
+    assert ckpts["v2"].manifest.files == ckpts["v2-gather"].manifest.files
+    assert not (tmp_path / "mixed").exists()
+    assert not (tmp_path / "invalid").exists()
+    rank0, rank1 = _results(tmp_path, "formats")
+    for r in (rank0, rank1):
+        assert r["mixed"] is not None and r["mixed_gradaccum"] is True
+        assert r["invalid"] is not None and r["invalid_gradaccum"] is True
+        assert r["mixed_position"] == r["invalid_position"] == 1
+        assert r["v2"] == r["v3"] == r["v2-gather"]
+    assert rank0["v3"] == rank1["v3"]
+    assert rank1["invalid"]["type"] == "UsageError"
+    assert "format_version=7" in rank1["invalid"]["message"]

@@ -79,10 +79,13 @@ def test_mid_window_resume_is_bitwise_identical(
 
 
 def test_format_1_checkpoint_resumes_on_the_same_trajectory(tmp_path: Path) -> None:
-    """ACC-R3, CKPT-25: the adapter writes format 2; the same checkpoint
-    rewritten in format 1 loads and resumes bitwise like it, and a format-1
-    tensor file with one flipped byte is refused (whole-file digest) with the
-    live objects unchanged."""
+    """ACC-R3, CKPT-25, CKPT-26: the adapter writes format 3 by default and
+    format 2 or 1 when asked (``save(format_version=...)``); each, and the
+    default checkpoint rewritten in format 1, loads and resumes bitwise like
+    the uninterrupted run; a format-1 tensor file with one flipped byte is
+    refused (whole-file digest) with the live objects unchanged; a format
+    version the release does not write is refused before anything is
+    written."""
     batches = make_batches(SIZES)
     model, acc = _build("items")
     _run(acc, model, batches, "items")
@@ -90,14 +93,25 @@ def test_format_1_checkpoint_resumes_on_the_same_trajectory(tmp_path: Path) -> N
 
     model, acc = _build("items")
     _run(acc, model, batches[:6], "items")
-    acc.save(tmp_path / "v2")
-    assert read_checkpoint(tmp_path / "v2").manifest.format_version == 2
-    reseal(tmp_path / "v2", tmp_path / "v1", format_version=1)
+    acc.save(tmp_path / "v3")
+    acc.save(tmp_path / "v2", format_version=2)
+    acc.save(tmp_path / "v1-direct", format_version=1)
+    for bad in (4, 0, "3", True, None):
+        with pytest.raises(UsageError, match=r"format_version=.* is not one this release writes"):
+            acc.save(tmp_path / "bad", format_version=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "bad").exists()
+    for name, version in (("v3", 3), ("v2", 2), ("v1-direct", 1)):
+        m = read_checkpoint(tmp_path / name).manifest
+        assert m.format_version == version, name
+        assert {e.tensor_digest for e in m.files.values()} == {
+            "crc32" if version == 3 else "sha256"
+        }
+    reseal(tmp_path / "v3", tmp_path / "v1", format_version=1)
     v1 = read_checkpoint(tmp_path / "v1")
     assert v1.manifest.format_version == 1
     assert all(v1.manifest.files[r].sha256 is not None for r in v1.roles)
 
-    for name in ("v2", "v1"):
+    for name in ("v3", "v2", "v1-direct", "v1"):
         model2, acc2 = _build("items", make_model(seed=99))
         acc2.load(tmp_path / name)
         _run(acc2, model2, batches[6:], "items", start=6)

@@ -202,7 +202,8 @@ def test_checkpoint_from_a_different_model(tmp_path: Path) -> None:
 
 
 def test_checkpoint_with_a_corrupt_file_changes_nothing(tmp_path: Path) -> None:
-    """CKPT: a flipped byte is refused before anything is loaded."""
+    """CKPT-7, CKPT-26: a flipped byte is refused — its tensor's CRC-32 (format 3)
+    differs — before anything is loaded."""
     path = _mid_window(tmp_path)
     blob = bytearray((path / "model.safetensors").read_bytes())
     blob[-1] ^= 0xFF
@@ -210,7 +211,9 @@ def test_checkpoint_with_a_corrupt_file_changes_nothing(tmp_path: Path) -> None:
     model, acc = _acc(steps=4, normalization="items")
     before_params = params_of(model)
     before = _snapshot(model, acc)
-    with pytest.raises(CheckpointChecksumError, match="SHA-256"):
+    with pytest.raises(
+        CheckpointChecksumError, match=r"tensor '\S+' in 'model.safetensors' has CRC-32"
+    ):
         acc.load(path)
     _same(before, model, acc)
     assert all(torch.equal(a, b) for a, b in zip(before_params, params_of(model), strict=True))

@@ -1,8 +1,9 @@
-"""The frozen checkpoints of format versions 1 and 2 stay readable (spec promises CKPT-16,
-CKPT-25)."""
+"""The frozen checkpoints of format versions 1, 2 and 3 stay readable (spec promises
+CKPT-16, CKPT-25, CKPT-26)."""
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import shutil
 import struct
@@ -16,6 +17,7 @@ from gradaccum.errors import CheckpointChecksumError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-v1-minimal"
 FIXTURE_V2 = Path(__file__).parent / "fixtures" / "checkpoint-v2-minimal"
+FIXTURE_V3 = Path(__file__).parent / "fixtures" / "checkpoint-v3-minimal"
 
 # The SHA-256 of each frozen file: a change here means the fixture was edited.
 FROZEN = {
@@ -34,11 +36,22 @@ FROZEN_V2 = {
 }
 
 
+# The same for the format-version-3 fixture (its tensor files are the v1 fixture's bytes).
+FROZEN_V3 = {
+    "manifest.json": "0827bb8243e34390b43e6c29363733351f1f4eee043eb456e7f72626f1baff9d",
+    "manifest.sha256": "e7f2f5ed4fc35c241861bbb025d302239573a5da42b0dc2bb726616c468c2e4e",
+    "gradients.safetensors": FROZEN["gradients.safetensors"],
+    "optimizer.safetensors": FROZEN["optimizer.safetensors"],
+}
+
+
 def f32(shape: tuple[int, ...], *values: float) -> RawTensor:
     return RawTensor("F32", shape, struct.pack(f"<{len(values)}f", *values))
 
 
-@pytest.mark.parametrize(("fixture", "frozen"), [(FIXTURE, FROZEN), (FIXTURE_V2, FROZEN_V2)])
+@pytest.mark.parametrize(
+    ("fixture", "frozen"), [(FIXTURE, FROZEN), (FIXTURE_V2, FROZEN_V2), (FIXTURE_V3, FROZEN_V3)]
+)
 def test_fixture_is_untouched(fixture: Path, frozen: dict[str, str]) -> None:
     """CKPT-16: each fixture is frozen: its files are exactly those written once."""
     assert {p.name for p in fixture.iterdir()} == set(frozen)
@@ -82,8 +95,40 @@ def test_v2_fixture_reads_with_exact_values() -> None:
         assert entry.tensors == v1.files[role].tensors
 
 
+def test_v3_fixture_reads_with_exact_values() -> None:
+    """CKPT-16, CKPT-26: the format-version-3 fixture reads, validates and
+    yields exactly the values it was written with — the v1 fixture's —,
+    records the same header SHA-256 as format 2 and, for each tensor, the
+    CRC-32 of its data bytes (8 hex digits, equal to binascii's)."""
+    ck = read_checkpoint(FIXTURE_V3)
+    m = ck.manifest
+    assert validate_checkpoint(FIXTURE_V3) == m
+    assert (m.format_version, m.spec_version) == (3, "3.0.0")
+    assert (ck.producer.name, ck.producer.version) == ("gradaccum", "0.1.0")
+    assert m.created_unix == 1796002544.3346503
+    assert ck.manifest_protected
+    assert_fixture_values(ck)
+    v2 = read_checkpoint(FIXTURE_V2).manifest
+    assert {r: e.header_sha256 for r, e in m.files.items()} == {
+        r: e.header_sha256 for r, e in v2.files.items()
+    }
+    assert {r: e.tensor_digest for r, e in m.files.items()} == {
+        "gradients": "crc32",
+        "optimizer": "crc32",
+    }
+    digests = {(r, n): t.digest for r, e in m.files.items() for n, t in e.tensors.items()}
+    assert digests == {
+        ("gradients", "fc.bias"): "ca647683",
+        ("gradients", "fc.weight"): "87487c0d",
+        ("optimizer", "state.fc.weight.exp_avg"): "a2b15a27",
+        ("optimizer", "state.fc.weight.step"): "2707d814",
+    }
+    for (role, name), digest in digests.items():
+        assert f"{binascii.crc32(ck.tensors(role)[name].data):08x}" == digest
+
+
 def assert_fixture_values(ck: Any) -> None:
-    """The values both fixtures were written with."""
+    """The values all three fixtures were written with."""
     m = ck.manifest
     assert ck.world_size == 1
     assert dict(ck.state) == {
@@ -152,14 +197,15 @@ def test_v1_fixture_resumes_in_the_core() -> None:
     [
         (FIXTURE, r"file 'optimizer\.safetensors' has SHA-256"),
         (FIXTURE_V2, r"tensor 'state\.fc\.weight\.exp_avg' in 'optimizer\.safetensors' has SHA"),
+        (FIXTURE_V3, r"tensor 'state\.fc\.weight\.exp_avg' in 'optimizer\.safetensors' has CRC"),
     ],
 )
 def test_a_corrupted_copy_of_the_fixture_is_refused(
     tmp_path: Path, fixture: Path, match: str
 ) -> None:
-    """CKPT-7, CKPT-25: the same bytes with one bit flipped are refused (format
-    1 by the whole-file digest, format 2 by the digest of the tensor holding
-    the byte)."""
+    """CKPT-7, CKPT-25, CKPT-26: the same bytes with one bit flipped are
+    refused (format 1 by the whole-file digest, formats 2 and 3 by the digest
+    of the tensor holding the byte)."""
     copy = tmp_path / "copy"
     shutil.copytree(fixture, copy)
     blob = bytearray((copy / "optimizer.safetensors").read_bytes())

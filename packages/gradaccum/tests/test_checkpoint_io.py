@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import itertools
 import json
 import os
+import random
 import shutil
 import struct
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +147,14 @@ def recorded_digest(blob: bytes, version: int) -> str:
     return hashlib.sha256(blob[: 8 + min(n, 100_000_000)]).hexdigest()
 
 
+def tensor_digest(data: bytes, version: int) -> str:
+    """A tensor's recorded digest: SHA-256 (formats 1 and 2, CKPT-7) or
+    CRC-32 as zlib computes it (format 3, CKPT-26)."""
+    if version == 3:
+        return f"{zlib.crc32(data):08x}"
+    return hashlib.sha256(data).hexdigest()
+
+
 def rehash(ckpt: Path, role: str) -> None:
     """Make the manifest's size and file (format 1) or header (format 2)
     SHA-256 match a file edited on purpose, so that the checks behind them
@@ -159,7 +170,7 @@ def rehash(ckpt: Path, role: str) -> None:
     edit_manifest(ckpt, edit)
 
 
-@pytest.fixture(params=[2, 1], ids=["v2", "v1"])
+@pytest.fixture(params=[3, 2, 1], ids=["v3", "v2", "v1"])
 def ckpt(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     """A checkpoint of each format version this release writes: every test
     of a damaged checkpoint runs against both readers."""
@@ -171,15 +182,16 @@ def ckpt(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
 # --------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize("version", [3, 2, 1])
 def test_round_trip(tmp_path: Path, version: int) -> None:
-    """CKPT-1, CKPT-7, CKPT-9, CKPT-11, CKPT-25: what is written is read back
-    exactly, and every recorded SHA-256 equals hashlib's — format 2 (the
-    default) records the header's and the tensors', format 1 (on request)
-    the whole file's and the tensors'."""
+    """CKPT-1, CKPT-7, CKPT-9, CKPT-11, CKPT-25, CKPT-26: what is written is
+    read back exactly, and every recorded digest equals hashlib's or zlib's —
+    format 3 (the default) records the header's SHA-256 and the tensors'
+    CRC-32, format 2 (on request) the header's and the tensors' SHA-256,
+    format 1 (on request) the whole file's and the tensors' SHA-256."""
     path = tmp_path / "ckpt"
     before = time.time()
-    written = write(path, **({} if version == 2 else {"format_version": 1}))
+    written = write(path, **({} if version == 3 else {"format_version": version}))
     after = time.time()
     ck = read_checkpoint(path)
     assert sorted(os.listdir(path)) == [
@@ -196,10 +208,10 @@ def test_round_trip(tmp_path: Path, version: int) -> None:
     assert ck.producer == PRODUCER
     assert ck.world_size == 2
     assert ck.roles == ("gradients", "gradients.rank1", "optimizer")
-    assert FORMAT_VERSION == 2
-    assert SPEC_VERSION == "2.0.0"
+    assert FORMAT_VERSION == 3
+    assert SPEC_VERSION == "3.0.0"
     assert ck.manifest.format_version == version
-    assert ck.manifest.spec_version == {1: "1.2.0", 2: "2.0.0"}[version]
+    assert ck.manifest.spec_version == {1: "1.2.0", 2: "2.0.0", 3: "3.0.0"}[version]
     assert before <= ck.manifest.created_unix <= after
     assert ck.path == path
     assert ck.source == path
@@ -216,10 +228,12 @@ def test_round_trip(tmp_path: Path, version: int) -> None:
             assert entry.sha256 is None
             assert entry.header_sha256 == hashlib.sha256(blob[: header.data_start]).hexdigest()
         assert entry.format_version == version
+        assert entry.tensor_digest == ("crc32" if version == 3 else "sha256")
         for name, tensor in entry.tensors.items():
             info = header.tensors[name]
             data = blob[header.data_start + info.begin : header.data_start + info.end]
-            assert tensor.sha256 == hashlib.sha256(data).hexdigest()
+            assert tensor.digest == tensor_digest(data, version)
+            assert len(tensor.digest) == (8 if version == 3 else 64)
             assert (tensor.dtype, tensor.shape) == (info.dtype, info.shape)
     assert ck.tensors("gradients") == GRADIENTS
     assert ck.tensors("optimizer") == OPTIMIZER
@@ -396,9 +410,10 @@ def test_truncated_file(ckpt: Path) -> None:
 
 @pytest.mark.parametrize("offset", [-1, 12], ids=["data-byte", "header-byte"])
 def test_flipped_byte(ckpt: Path, offset: int) -> None:
-    """CKPT-7, CKPT-17, CKPT-25: one flipped byte, in the data or in the
-    header, fails a SHA-256 — format 1: the file's; format 2: the header's
-    or the last tensor's —; the message names both digests and the fix."""
+    """CKPT-7, CKPT-17, CKPT-25, CKPT-26: one flipped byte, in the data or in
+    the header, fails a digest — format 1: the file's SHA-256; formats 2 and
+    3: the header's SHA-256 or the last tensor's (SHA-256 in format 2,
+    CRC-32 in format 3) —; the message names both digests and the fix."""
     f = ckpt / "gradients.safetensors"
     blob = bytearray(f.read_bytes())
     header = read_safetensors_header(bytes(blob))
@@ -408,9 +423,10 @@ def test_flipped_byte(ckpt: Path, offset: int) -> None:
     if version == 1 or offset == 12:
         recorded = recorded_digest(bytes(blob), version)
     else:
-        recorded = hashlib.sha256(blob[span]).hexdigest()
+        recorded = tensor_digest(bytes(blob[span]), version)
     blob[offset] ^= 0x01
     f.write_bytes(blob)
+    algorithm = "SHA-256"
     if version == 1:
         what, actual = "file 'gradients.safetensors'", hashlib.sha256(blob).hexdigest()
     elif offset == 12:
@@ -418,12 +434,14 @@ def test_flipped_byte(ckpt: Path, offset: int) -> None:
         actual = recorded_digest(bytes(blob), 2)
     else:
         what = f"tensor '{last}' in 'gradients.safetensors'"
-        actual = hashlib.sha256(blob[span]).hexdigest()
+        actual = tensor_digest(bytes(blob[span]), version)
+        algorithm = "CRC-32" if version == 3 else "SHA-256"
+    assert actual != recorded
     for read in (read_checkpoint, validate_checkpoint):
         with pytest.raises(CheckpointChecksumError) as info:
             read(ckpt)
         msg = str(info.value)
-        assert f"{what} has SHA-256 {actual[:16]}" in msg
+        assert f"{what} has {algorithm} {actual[:16]}" in msg
         assert f"but the manifest records {recorded[:16]}" in msg
         assert "restore it from a copy or take a new checkpoint" in msg
 
@@ -453,18 +471,63 @@ def test_every_byte_is_covered(ckpt: Path) -> None:
     assert read_checkpoint(ckpt).tensors("optimizer") == OPTIMIZER
 
 
+def test_crc32_is_zlibs_and_every_short_burst_is_caught(tmp_path: Path) -> None:
+    """CKPT-26: a format-3 tensor's digest is its CRC-32/ISO-HDLC as 8
+    lowercase hex digits — the check value of ``123456789`` is ``cbf43926``,
+    of no bytes ``00000000``, of other data binascii's — and every error
+    burst of at most 32 bits in a tensor's data (300 seeded bursts, every
+    length 1..32) is refused with CheckpointChecksumError naming the tensor,
+    by the in-memory and the streaming reader."""
+    rng = random.Random(26)
+    data = rng.randbytes(4096)
+    tensors = {
+        "ascii": RawTensor("U8", (9,), b"123456789"),
+        "empty": RawTensor("U8", (0,), b""),
+        "data": RawTensor("U8", (4096,), data),
+    }
+    path = tmp_path / "crc"
+    manifest = write_checkpoint(
+        path, state=make_state(), config=CONFIG, files={"check": encode_safetensors(tensors)},
+        producer=PRODUCER,
+    )  # fmt: skip
+    digests = {n: t.digest for n, t in manifest.files["check"].tensors.items()}
+    assert digests == {
+        "ascii": "cbf43926",
+        "empty": "00000000",
+        "data": f"{binascii.crc32(data) & 0xFFFFFFFF:08x}",
+    }
+    f = path / "check.safetensors"
+    original = f.read_bytes()
+    header = read_safetensors_header(original)
+    begin = header.data_start + header.tensors["data"].begin
+    for i in range(300):
+        length = 1 + i % 32
+        pattern = 1 | (1 << (length - 1)) | rng.getrandbits(length)
+        shift = rng.randrange(4096 * 8 - length + 1)
+        value = int.from_bytes(data, "little") ^ (pattern << shift)
+        damaged = bytearray(original)
+        damaged[begin : begin + 4096] = value.to_bytes(4096, "little")
+        assert damaged != bytearray(original)
+        f.write_bytes(damaged)
+        check = (read_checkpoint, validate_checkpoint)[i % 2]
+        with pytest.raises(CheckpointChecksumError, match=r"tensor 'data' in 'check.safetensors'"):
+            check(path)
+    f.write_bytes(original)
+    assert read_checkpoint(path).tensors("check") == tensors
+
+
 def test_damaged_header_of_a_large_file_is_a_checksum_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CKPT-7, CKPT-25: a format-2 file whose header no longer parses is
-    reported as a checksum mismatch whatever the file's size (its header
+    """CKPT-7, CKPT-25, CKPT-26: a format-2 or format-3 file whose header no
+    longer parses is reported as a checksum mismatch whatever the file's size (its header
     digest reads at most 8 + 100 MB); format 1 digests the whole file on
     that path only up to a size limit (here patched to 100 bytes), beyond
     it the header's defect itself is reported."""
     import gradaccum.checkpoint.store as store
 
     monkeypatch.setattr(store, "_DIGEST_ON_ERROR_LIMIT", 100)
-    for version in (2, 1):
+    for version in (3, 2, 1):
         path = tmp_path / f"v{version}"
         write(path, format_version=version)
         f = path / "optimizer.safetensors"
@@ -475,8 +538,8 @@ def test_damaged_header_of_a_large_file_is_a_checksum_error(
         for read in (read_checkpoint, validate_checkpoint):
             with pytest.raises(CheckpointCorruptError) as info:
                 read(path)
-            assert isinstance(info.value, CheckpointChecksumError) == (version == 2), version
-            if version == 2:
+            assert isinstance(info.value, CheckpointChecksumError) == (version >= 2), version
+            if version >= 2:
                 assert "the header of file 'optimizer.safetensors'" in str(info.value)
 
 
@@ -526,10 +589,10 @@ def test_malformed_header_with_consistent_hash(ckpt: Path) -> None:
     ("value", "error", "match"),
     [
         (
-            3,
+            4,
             CheckpointVersionError,
-            r"format version 3 is not supported; this release reads "
-            r"format version\(s\) 1, 2; upgrade gradaccum",
+            r"format version 4 is not supported; this release reads "
+            r"format version\(s\) 1, 2, 3; upgrade gradaccum",
         ),
         (0, CheckpointVersionError, r"format version 0 is not supported.*upgrade gradaccum"),
         ("1", CheckpointCorruptError, r"'format_version' is '1' \(str\), expected an integer"),
@@ -548,8 +611,8 @@ def test_wrong_format_version(ckpt: Path, value: Any, error: type[Exception], ma
 
 def test_newer_version_reported_before_schema(ckpt: Path) -> None:
     """CKPT-3: a newer manifest with new keys is reported as newer, not invalid."""
-    edit_manifest(ckpt, lambda d: d.update(format_version=3, new_key={"x": 1}))
-    with pytest.raises(CheckpointVersionError, match="format version 3"):
+    edit_manifest(ckpt, lambda d: d.update(format_version=4, new_key={"x": 1}))
+    with pytest.raises(CheckpointVersionError, match="format version 4"):
         read_checkpoint(ckpt)
 
 

@@ -30,6 +30,7 @@ THEIRS = jsonschema.Draft202012Validator(SCHEMA)
 SCHEMA_V2 = manifest_schema(2)
 OURS_V2 = SchemaValidator(SCHEMA_V2)
 THEIRS_V2 = jsonschema.Draft202012Validator(SCHEMA_V2)
+SCHEMA_V3 = manifest_schema(3)
 
 
 def _base() -> dict[str, Any]:
@@ -45,7 +46,7 @@ def _theirs_paths(instance: Any) -> set[str]:
     return {e.json_path for e in THEIRS.iter_errors(instance)}
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_schema_in_package_and_spec_are_byte_identical(version: int) -> None:
     """CKPT-2: the schema of each format version shipped in the wheel is the one in spec/."""
     name = f"checkpoint-v{version}.schema.json"
@@ -53,7 +54,7 @@ def test_schema_in_package_and_spec_are_byte_identical(version: int) -> None:
     assert manifest_schema(version) == json.loads((SPEC_SCHEMA.parent / name).read_text())
 
 
-@pytest.mark.parametrize("schema", [SCHEMA, SCHEMA_V2], ids=["v1", "v2"])
+@pytest.mark.parametrize("schema", [SCHEMA, SCHEMA_V2, SCHEMA_V3], ids=["v1", "v2", "v3"])
 def test_schema_is_a_valid_draft_2020_12_schema(schema: dict[str, Any]) -> None:
     """CKPT-2: each schema itself is valid JSON Schema 2020-12."""
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -82,7 +83,30 @@ def test_v2_schema_differs_from_v1_only_where_ckpt_25_says() -> None:
     assert v1 == v2
 
 
-@pytest.mark.parametrize("bad", [0, 3, "2", True, None])
+def test_v3_schema_differs_from_v2_only_where_ckpt_26_says() -> None:
+    """CKPT-26: the format-3 schema is the format-2 schema with
+    ``format_version`` 3 and each tensor's ``sha256`` (64 hex digits)
+    replaced by ``crc32`` (8 lowercase hex digits); nothing else differs."""
+    v2, v3 = manifest_schema(2), manifest_schema(3)
+    assert v3["properties"]["format_version"] == {"const": 3}
+    assert v3["$defs"]["crc32"] == {"type": "string", "pattern": "^[0-9a-f]{8}$"}
+    t2, t3 = v2["$defs"]["tensor"], v3["$defs"]["tensor"]
+    assert t2["required"] == ["dtype", "shape", "sha256"]
+    assert t3["required"] == ["dtype", "shape", "crc32"]
+    assert t3["properties"]["crc32"] == {"$ref": "#/$defs/crc32"}
+    assert {k: v for k, v in t3["properties"].items() if k != "crc32"} == {
+        k: v for k, v in t2["properties"].items() if k != "sha256"
+    }
+    for schema in (v2, v3):
+        for key in ("$id", "title", "description"):
+            del schema[key]
+        del schema["properties"]["format_version"]
+        del schema["$defs"]["tensor"]
+    del v3["$defs"]["crc32"]
+    assert v2 == v3
+
+
+@pytest.mark.parametrize("bad", [0, 4, "2", True, None])
 def test_manifest_schema_refuses_unknown_versions(bad: Any) -> None:
     with pytest.raises(UsageError, match="format_version"):
         manifest_schema(bad)
@@ -266,6 +290,54 @@ def test_v2_same_verdict_as_jsonschema(
     ours = list(OURS_V2.iter_errors(doc))
     assert OURS_V2.is_valid(doc) == THEIRS_V2.is_valid(doc) == (path is None)
     assert _paths(ours) == {e.json_path for e in THEIRS_V2.iter_errors(doc)}
+    if path is not None:
+        assert path in _paths(ours)
+
+
+OURS_V3 = SchemaValidator(SCHEMA_V3)
+THEIRS_V3 = jsonschema.Draft202012Validator(SCHEMA_V3)
+
+
+def _base_v3() -> dict[str, Any]:
+    doc = _base_v2()
+    doc["format_version"] = 3
+    doc["spec_version"] = "3.0.0"
+    for entry in doc["files"].values():
+        for tensor in entry["tensors"].values():
+            tensor["crc32"] = tensor.pop("sha256")[:8]
+    return doc
+
+
+_TE = "$.files.gradients.tensors['fc.weight']"
+_TC = _TE + ".crc32"
+
+CORPUS_V3: list[tuple[str, Callable[[dict[str, Any]], None], str | None]] = [
+    ("unchanged", lambda d: None, None),
+    ("no files", _set(("files",), {}), None),
+    ("format_version 2", _set(("format_version",), 2), "$.format_version"),
+    ("tensor crc32 missing", _delete((*_T, "crc32")), "$.files.gradients.tensors['fc.weight']"),
+    ("tensor crc32 upper", _set((*_T, "crc32"), "ABCDEF01"), _TC),
+    ("tensor crc32 short", _set((*_T, "crc32"), "abcdef0"), _TC),
+    ("tensor crc32 long", _set((*_T, "crc32"), "a" * 64), _TC),
+    ("tensor crc32 number", _set((*_T, "crc32"), 12345678), _TC),
+    ("tensor sha256 added", _set((*_T, "sha256"), "a" * 64), _TE),
+    ("header digest missing", _delete((*_G, "header_sha256")), "$.files.gradients"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path"), [(m, p) for _, m, p in CORPUS_V3], ids=[name for name, _, _ in CORPUS_V3]
+)
+def test_v3_same_verdict_as_jsonschema(
+    mutate: Callable[[dict[str, Any]], None], path: str | None
+) -> None:
+    """CKPT-2, CKPT-26: on format-3 manifests too, our validator and
+    ``jsonschema`` agree — verdict and the JSON paths of the failures."""
+    doc = _base_v3()
+    mutate(doc)
+    ours = list(OURS_V3.iter_errors(doc))
+    assert OURS_V3.is_valid(doc) == THEIRS_V3.is_valid(doc) == (path is None)
+    assert _paths(ours) == {e.json_path for e in THEIRS_V3.iter_errors(doc)}
     if path is not None:
         assert path in _paths(ours)
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import struct
 import tracemalloc
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,10 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 
 def test_streamed_file_is_byte_identical_to_encoded(tmp_path: Path) -> None:
-    """CKPT-7, CKPT-22: a file written from TensorSources equals
+    """CKPT-7, CKPT-22, CKPT-26: a file written from TensorSources equals
     encode_safetensors of the same tensors byte for byte; every recorded
-    SHA-256 equals hashlib's; each callable is called exactly once."""
+    digest equals hashlib's (the header's SHA-256) or zlib's (each tensor's
+    CRC-32, format 3); each callable is called exactly once."""
     calls: list[str] = []
     manifest = write_checkpoint(
         tmp_path / "s",
@@ -131,9 +133,7 @@ def test_streamed_file_is_byte_identical_to_encoded(tmp_path: Path) -> None:
     assert ck.tensors("gradients") == raw_tensors()
     assert ck.tensors("model") == raw_tensors(2.0)
     for name, t in raw_tensors().items():
-        assert ck.manifest.files["gradients"].tensors[name].sha256 == (
-            hashlib.sha256(t.data).hexdigest()
-        )
+        assert ck.manifest.files["gradients"].tensors[name].digest == (f"{zlib.crc32(t.data):08x}")
     # the same checkpoint written from bytes has the same file entries
     write_checkpoint(
         tmp_path / "b",
@@ -159,13 +159,14 @@ def test_streamed_wrong_length_leaves_nothing(tmp_path: Path) -> None:
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize("version", [3, 2, 1])
 def test_large_streamed_file_hashes_on_helper_threads(tmp_path: Path, version: int) -> None:
-    """CKPT-7, CKPT-22, CKPT-25: a file large enough to be hashed on helper
-    threads while it is written (24 MiB of 40 tensors, each produced by a
-    callable called once, in order) records exactly hashlib's digests —
-    format 2 the header's and each tensor's, format 1 also the whole file's
-    —, reads back, and equals the file written from its bytes."""
+    """CKPT-7, CKPT-22, CKPT-25, CKPT-26: a file large enough to be hashed on
+    helper threads while it is written (24 MiB of 40 tensors, each produced
+    by a callable called once, in order) records exactly hashlib's and zlib's
+    digests — format 3 the header's SHA-256 and each tensor's CRC-32, format
+    2 the header's and each tensor's SHA-256, format 1 also the whole
+    file's —, reads back, and equals the file written from its bytes."""
     rng = __import__("random").Random(25)
     tensors = {
         f"t{i:02d}": RawTensor("U8", (n,), rng.randbytes(n))
@@ -194,8 +195,21 @@ def test_large_streamed_file_hashes_on_helper_threads(tmp_path: Path, version: i
         assert entry.sha256 is None
         assert entry.header_sha256 == hashlib.sha256(blob[:header_end]).hexdigest()
     for name, t in tensors.items():
-        assert entry.tensors[name].sha256 == hashlib.sha256(t.data).hexdigest()
+        expected = (
+            f"{zlib.crc32(t.data):08x}" if version == 3 else hashlib.sha256(t.data).hexdigest()
+        )
+        assert entry.tensors[name].digest == expected
     assert read_checkpoint(tmp_path / "s").tensors("model") == tensors
+    # the streaming check (8 MiB chunks: tensors span chunk boundaries) agrees
+    assert validate_checkpoint(tmp_path / "s") == manifest
+    damaged = bytearray(blob)
+    damaged[header_end + len(damaged[header_end:]) // 2] ^= 0x04
+    (tmp_path / "s" / "model.safetensors").write_bytes(damaged)
+    for check in (read_checkpoint, validate_checkpoint):
+        where = "file 'model" if version == 1 else r"tensor 't\d\d' in 'model"
+        with pytest.raises(CheckpointChecksumError, match=where):
+            check(tmp_path / "s")
+    (tmp_path / "s" / "model.safetensors").write_bytes(blob)
     from_bytes = write_checkpoint(
         tmp_path / "b",
         state=STATE,
@@ -336,11 +350,11 @@ def test_unverified_open_checks_each_file_when_read(ckpt: Path) -> None:
     f.write_bytes(blob)
     with open_checkpoint(ckpt, verify=False) as ck:
         assert ck.read_file("gradients")
-        with pytest.raises(CheckpointChecksumError, match=r"'model\.safetensors' has SHA-256"):
+        with pytest.raises(CheckpointChecksumError, match=r"'model\.safetensors' has CRC-32"):
             ck.read_file("model")
-        with pytest.raises(CheckpointChecksumError, match=r"'model\.safetensors' has SHA-256"):
+        with pytest.raises(CheckpointChecksumError, match=r"'model\.safetensors' has CRC-32"):
             ck.open_file("model")
-    with pytest.raises(CheckpointChecksumError, match=r"'model\.safetensors' has SHA-256"):
+    with pytest.raises(CheckpointChecksumError, match=r"'model\.safetensors' has CRC-32"):
         open_checkpoint(ckpt)
 
 
@@ -509,7 +523,7 @@ def test_sharded_failures_leave_previous(tmp_path: Path) -> None:
     e1 = write_shard(path, token=TOKEN, files=shard_files(1))
     e1["gradients.rank1"] = e0["gradients.rank0"].__class__(
         "gradients.rank1.safetensors", e1["gradients.rank1"].size, None,
-        e1["gradients.rank1"].tensors, header_sha256="ab" * 32,
+        e1["gradients.rank1"].tensors, header_sha256="ab" * 32, tensor_digest="crc32",
     )  # fmt: skip
     with pytest.raises(
         CheckpointChecksumError, match=r"header of file 'gradients\.rank1\.safetensors' has SHA"
@@ -521,7 +535,7 @@ def test_sharded_failures_leave_previous(tmp_path: Path) -> None:
     stage_checkpoint(path, **kwargs)
     e0 = write_shard(path, token=TOKEN, files=shard_files(0))
     e1 = write_shard(path, token=TOKEN, files=shard_files(1), format_version=1)
-    assert (e0["gradients.rank0"].format_version, e1["gradients.rank1"].format_version) == (2, 1)
+    assert (e0["gradients.rank0"].format_version, e1["gradients.rank1"].format_version) == (3, 1)
     with pytest.raises(UsageError, match="write every shard with the same format_version"):
         commit_checkpoint(path, entries={**e0, **e1}, **kwargs)
     assert tree(tmp_path) == before
@@ -556,8 +570,18 @@ def test_sharded_input_validation(tmp_path: Path) -> None:
     [
         b"[]",
         b"{",
-        b'{"g": {"path": "g.safetensors", "size": 8, "sha256": "x", "tensors": {}}}',
-        b'{"g": {"path": "h.safetensors", "size": 8, "sha256": "'
+        b'{"format_version": 1, "files": '
+        b'{"g": {"path": "g.safetensors", "size": 8, "sha256": "x", "tensors": {}}}}',
+        b'{"format_version": 1, "files": {"g": {"path": "h.safetensors", "size": 8, "sha256": "'
+        + b"a" * 64
+        + b'", "tensors": {}}}}',
+        # a format-2 entry sent as format 3: its tensor has no crc32
+        b'{"format_version": 3, "files": {"g": {"path": "g.safetensors", "size": 8, '
+        b'"header_sha256": "' + b"a" * 64 + b'", "tensors": {"t": {"dtype": "U8", "shape": [0], '
+        b'"sha256": "' + b"a" * 64 + b'"}}}}}',
+        b'{"format_version": 4, "files": {}}',
+        b'{"format_version": 3, "files": {}, "extra": 1}',
+        b'{"g": {"path": "g.safetensors", "size": 8, "sha256": "'
         + b"a" * 64
         + b'", "tensors": {}}}',
         b"[" * 1000,
@@ -568,3 +592,31 @@ def test_decode_file_entries_refuses_garbage(raw: bytes) -> None:
     """CKPT-20: entries received from another rank are parsed strictly."""
     with pytest.raises(CheckpointCorruptError):
         decode_file_entries(raw)
+
+
+@pytest.mark.parametrize("version", [3, 2, 1])
+def test_file_entries_travel_with_their_format_version(tmp_path: Path, version: int) -> None:
+    """CKPT-25, CKPT-26: entries sent between ranks come back equal, with
+    their format version, even a file without tensors (whose entry alone
+    cannot tell format 2 from format 3); entries of mixed format versions
+    are refused before anything is sent."""
+    path = tmp_path / "ckpt"
+    stage_checkpoint(path, token=TOKEN, state=STATE, config=CONFIG, producer=PRODUCER)
+    entries = write_shard(
+        path,
+        token=TOKEN,
+        files={"gradients": encode_safetensors(raw_tensors()), "empty": encode_safetensors({})},
+        format_version=version,
+    )
+    assert entries["empty"].tensors == {}
+    back = decode_file_entries(encode_file_entries(entries))
+    assert back == entries
+    assert {e.format_version for e in back.values()} == {version}
+    other = write_shard(
+        path,
+        token=TOKEN,
+        files={"gradients.rank1": encode_safetensors(raw_tensors())},
+        format_version=1 if version != 1 else 3,
+    )
+    with pytest.raises(UsageError, match="cannot travel together"):
+        encode_file_entries({**entries, **other})

@@ -42,6 +42,22 @@ def corrupted(tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.parametrize(
+    ("fixture", "line"),
+    [
+        ("checkpoint-v1-minimal", "1 (spec 1.0.0)\ndata checked by  SHA-256 of each file and"),
+        ("checkpoint-v2-minimal", "2 (spec 2.0.0)\ndata checked by  SHA-256 of each header and"),
+        ("checkpoint-v3-minimal", "3 (spec 3.0.0)\ndata checked by  SHA-256 of each header, CRC"),
+    ],
+)  # fmt: skip
+def test_inspect_names_the_digests_of_each_format(
+    capsys: pytest.CaptureFixture[str], fixture: str, line: str
+) -> None:
+    """CKPT-25, CKPT-26: ``inspect`` says which digests check a checkpoint's data."""
+    assert main(["inspect", str(FIXTURE.parent / fixture)]) == 0
+    assert f"format version   {line}" in capsys.readouterr().out
+
+
 def test_inspect_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(FIXTURE)]) == 0
     out = capsys.readouterr().out
@@ -124,7 +140,7 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert "(checkpoint format 2, spec 2.0.0)" in capsys.readouterr().out
+    assert "(checkpoint format 3, spec 3.0.0)" in capsys.readouterr().out
 
 
 def test_python_dash_m(corrupted: Path) -> None:

@@ -79,11 +79,13 @@ import torch
 import torch.distributed as dist
 
 from gradaccum.checkpoint import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
     Checkpoint,
     FileEntry,
     Producer,
     abort_checkpoint,
+    check_format_version,
     commit_checkpoint,
     decode_file_entries,
     encode_file_entries,
@@ -160,8 +162,11 @@ def save_distributed(
     scheduler: bool = True,
     scaler: bool = True,
     shared: bool | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> None:
-    """Write ``acc``'s checkpoint (see the module docstring); call on every rank.
+    """Write ``acc``'s checkpoint (see the module docstring) in
+    ``format_version`` (every rank must pass the same: the ranks compare it
+    before anything is written); call on every rank.
 
     ``shared=None`` (the default) lets each rank write its own files when it
     sees rank 0's staging directory and sends them through rank 0 otherwise;
@@ -178,6 +183,7 @@ def save_distributed(
     try:
         if shared not in (None, True, False):
             raise UsageError(f"shared={shared!r} must be None, True or False")
+        check_format_version(format_version, "save_distributed")
         # Every rank describes the replicated files too (tensor sources: no
         # bytes yet), so that any rank can write them (step 3).
         files, metadata = collect(
@@ -193,7 +199,13 @@ def save_distributed(
         state = _fold_items(acc, state, files)
     except Exception as exc:
         error = exc
-    state_digest = digest({"state": _common_state(acc, state), "config": config})
+    state_digest = digest(
+        {
+            "state": _common_state(acc, state),
+            "config": config,
+            "format_version": format_version if type(format_version) is int else -1,
+        }
+    )
     nonce = secrets.randbits(62)
     with communication_errors("the checkpoint's agreement step", rank):
         rows = gather_rows([Tag.SAVE, state_digest, int(error is None), nonce], group, device)
@@ -253,7 +265,12 @@ def save_distributed(
                 )
             if writes:
                 assigned = {role: shared_files[role] for role in mine}
-                entries = write_shard(path, token=token, files={**own_files, **assigned})
+                entries = write_shard(
+                    path,
+                    token=token,
+                    files={**own_files, **assigned},
+                    format_version=format_version,
+                )
                 blob = encode_file_entries(entries) if rank != 0 else b""
             else:
                 blob = b""
@@ -272,7 +289,14 @@ def save_distributed(
                 received = _relay(data, other, group, device)
             if rank == 0 and received is not None:
                 try:
-                    entries.update(write_shard(path, token=token, files=_unpack(received)))
+                    entries.update(
+                        write_shard(
+                            path,
+                            token=token,
+                            files=_unpack(received),
+                            format_version=format_version,
+                        )
+                    )
                 except Exception as exc:
                     error = exc
                 del received

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gradaccum.checkpoint import FORMAT_VERSION
 from gradaccum_ddp.collectives import average_, comm_device, communication_errors
 
 __all__ = ["DDPDistributed"]
@@ -92,12 +93,19 @@ class DDPDistributed:
         optimizer: bool,
         scheduler: bool,
         scaler: bool,
+        format_version: int = FORMAT_VERSION,
     ) -> None:
         """`gradaccum_torch.DistributedCheckpoints`: see `gradaccum_ddp.checkpoint`."""
         from gradaccum_ddp.checkpoint import save_distributed
 
         save_distributed(
-            acc, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+            acc,
+            path,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            format_version=format_version,
         )
 
     def load_checkpoint(self, acc: Any, path: str | os.PathLike[str]) -> None:

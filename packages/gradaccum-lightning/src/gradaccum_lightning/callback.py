@@ -40,6 +40,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.nn.parallel import DistributedDataParallel
 
+from gradaccum.checkpoint import FORMAT_VERSION
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import CheckpointMismatchError, ConfigError, UsageError
 from gradaccum.machine import AccumulationMachine
@@ -345,10 +346,11 @@ class GradAccum(Callback):
         )
         return steps if max_steps is None else min(steps, max_steps)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *, format_version: int = FORMAT_VERSION) -> None:
         """Write a checkpoint in the shared gradaccum format (any stack resumes it;
-        names without ``model_attr``). Between microbatches; on every rank."""
-        self.accumulator.save(path)
+        names without ``model_attr``), in ``format_version`` (see
+        ``gradaccum_torch.Accumulator.save``). Between microbatches; on every rank."""
+        self.accumulator.save(path, format_version=format_version)
 
     # -- Lightning hooks --------------------------------------------------------------
 

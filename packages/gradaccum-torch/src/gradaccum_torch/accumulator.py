@@ -27,6 +27,7 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 
+from gradaccum.checkpoint import FORMAT_VERSION
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import (
     CheckpointMismatchError,
@@ -730,11 +731,19 @@ class Accumulator:
         optimizer: bool = True,
         scheduler: bool = True,
         scaler: bool = True,
+        format_version: int = FORMAT_VERSION,
     ) -> None:
-        """Write a checkpoint in the shared format (``spec/checkpoint-v1.md``),
+        """Write a checkpoint in the shared format (``spec/checkpoint-v3.md``),
         atomically: the accumulation state, the in-flight gradients, and, as
         asked, the model, optimizer, scheduler and scaler state under canonical
         names. Works at any point between microbatches, mid-window included.
+
+        ``format_version`` 3 (the default) checks tensor data with CRC-32; 2
+        keeps every byte under a SHA-256 (``spec/checkpoint-v2.md``), for a
+        checkpoint pinned by one digest kept elsewhere; 1 is for readers older
+        than format 2. Another value raises `UsageError` before anything is
+        written (on several ranks: on every rank, since the ranks compare it
+        before writing).
 
         On several ranks call it on every rank at the same point: the
         distributed side (a `DistributedCheckpoints`, such as
@@ -745,8 +754,15 @@ class Accumulator:
         if self._distributed.world_size > 1 or isinstance(
             self._distributed, DistributedCheckpoints
         ):
+            # checked there, inside the ranks' agreement, so that every rank raises together
             self._ranks_checkpoints().save_checkpoint(
-                self, path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+                self,
+                path,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                format_version=format_version,
             )
             return
         save_checkpoint(
@@ -756,6 +772,7 @@ class Accumulator:
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=scaler,
+            format_version=format_version,
         )
 
     def load(self, path: str | os.PathLike[str]) -> None:

@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradaccum.checkpoint import Checkpoint, Producer, open_checkpoint, write_checkpoint
+from gradaccum.checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    Producer,
+    check_format_version,
+    open_checkpoint,
+    write_checkpoint,
+)
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import (
     CheckpointChecksumError,
@@ -154,10 +161,12 @@ def save_checkpoint(
     optimizer: bool = True,
     scheduler: bool = True,
     scaler: bool = True,
+    format_version: int = FORMAT_VERSION,
 ) -> None:
     """Write ``acc``'s checkpoint atomically (see `Accumulator.save`),
     streaming each tensor from its live memory into its file (hashes computed
-    while writing; no file is built in memory first)."""
+    while writing; no file is built in memory first), in ``format_version``."""
+    check_format_version(format_version, "Accumulator.save")
     files, metadata = collect(
         acc, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stream=True
     )
@@ -169,6 +178,7 @@ def save_checkpoint(
         producer=Producer(*acc.producer),
         world_size=1,
         metadata=metadata,
+        format_version=format_version,
     )
 
 

@@ -107,8 +107,13 @@ class DistributedCheckpoints(Protocol):
         optimizer: bool,
         scheduler: bool,
         scaler: bool,
+        format_version: int,
     ) -> None:
-        """Write ``acc``'s checkpoint; called on every rank at the same point."""
+        """Write ``acc``'s checkpoint in ``format_version``; called on every
+        rank at the same point. ``format_version`` is not checked yet: check it
+        (``gradaccum.checkpoint.check_format_version``) where the ranks agree
+        before writing, so that a bad or differing value raises on every rank
+        instead of leaving the others waiting."""
         ...
 
     def load_checkpoint(self, acc: Any, path: str | os.PathLike[str]) -> None:

@@ -183,6 +183,12 @@ def _summary(ckpt: Checkpoint, out: TextIO) -> None:
     if ckpt.source != ckpt.path:
         out.write(f"recovered from   {ckpt.source} (a writer was interrupted)\n")
     out.write(f"format version   {m.format_version} (spec {m.spec_version})\n")
+    checks = {1: "SHA-256 of each file and tensor", 2: "SHA-256 of each header and tensor"}
+    out.write(
+        "data checked by  "
+        + checks.get(m.format_version, "SHA-256 of each header, CRC-32 of each tensor")
+        + "\n"
+    )
     out.write(
         f"producer         {m.producer.name} {m.producer.version} "
         f"(stack: {_stack(m.producer.name)})\n"

@@ -56,6 +56,7 @@ __all__ = [
     "SPEC_VERSIONS",
     "STATE_KEYS",
     "SUPPORTED_FORMAT_VERSIONS",
+    "TENSOR_DIGESTS",
     "FileEntry",
     "Manifest",
     "Producer",
@@ -71,15 +72,17 @@ __all__ = [
     "validate_manifest_dict",
 ]
 
-#: The format version this release writes by default (``spec/checkpoint-v2.md``).
-FORMAT_VERSION = 2
-#: The spec version written into a manifest of each format version this
-#: release writes (``spec/checkpoint-v1.md`` and ``spec/checkpoint-v2.md``).
-SPEC_VERSIONS: Mapping[int, str] = MappingProxyType({1: "1.2.0", 2: "2.0.0"})
+#: The format version this release writes by default (``spec/checkpoint-v3.md``).
+FORMAT_VERSION = 3
+#: The spec version written into a manifest of each format version this release
+#: writes (``spec/checkpoint-v1.md``, ``spec/checkpoint-v2.md``, ``spec/checkpoint-v3.md``).
+SPEC_VERSIONS: Mapping[int, str] = MappingProxyType({1: "1.2.0", 2: "2.0.0", 3: "3.0.0"})
 #: The spec version of the default format version's manifests.
 SPEC_VERSION = SPEC_VERSIONS[FORMAT_VERSION]
 #: Every format version this release reads (and can write).
-SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1, 2})
+SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1, 2, 3})
+#: The algorithm of the tensors' digests in each format version (CKPT-7, CKPT-26).
+TENSOR_DIGESTS: Mapping[int, str] = MappingProxyType({1: "sha256", 2: "sha256", 3: "crc32"})
 #: The value of the manifest's ``"format"`` key.
 FORMAT_NAME = "gradaccum-checkpoint"
 #: The manifest's file name inside a checkpoint directory.
@@ -99,6 +102,7 @@ OPTIONAL_STATE_KEYS = ("device_items",)
 
 _ROLE = re.compile(ROLE_PATTERN)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_CRC32 = re.compile(r"[0-9a-f]{8}")
 _SEMVER = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}")
 _SIDECAR = re.compile(rb"([0-9a-f]{64})  manifest\.json\n")
 _FIX = (
@@ -123,11 +127,13 @@ class Producer:
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor of a file's index: safetensors ``dtype``, ``shape`` and the
-    lowercase hex SHA-256 of its data bytes."""
+    lowercase hex ``digest`` of its data bytes, with the algorithm its file
+    entry's ``tensor_digest`` names: SHA-256 (64 hex digits; format versions 1
+    and 2, CKPT-7) or CRC-32 (8 hex digits; format version 3, CKPT-26)."""
 
     dtype: str
     shape: tuple[int, ...]
-    sha256: str
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -136,29 +142,43 @@ class FileEntry:
     its digests and its tensors by canonical name.
 
     A format-version-1 entry has ``sha256``, the SHA-256 of all the file's
-    bytes (CKPT-7); a format-version-2 entry has ``header_sha256`` instead,
-    the SHA-256 of the file's first ``8 + N`` bytes (its length prefix and
-    header), so that the header digest and the tensors' digests cover every
-    byte exactly once (CKPT-25). Exactly one of the two is set
-    (`UsageError` otherwise)."""
+    bytes (CKPT-7); a format-version-2 or -3 entry has ``header_sha256``
+    instead, the SHA-256 of the file's first ``8 + N`` bytes (its length
+    prefix and header), so that the header digest and the tensors' digests
+    cover every byte exactly once (CKPT-25). Exactly one of the two is set.
+    ``tensor_digest`` names the tensors' digest algorithm: ``"sha256"``
+    (format versions 1 and 2) or ``"crc32"`` (format version 3, CKPT-26,
+    which needs ``header_sha256``). Anything else raises `UsageError`."""
 
     path: str
     size: int
     sha256: str | None
     tensors: Mapping[str, TensorEntry]
     header_sha256: str | None = field(default=None, kw_only=True)
+    tensor_digest: str = field(default="sha256", kw_only=True)
 
     def __post_init__(self) -> None:
         if (self.sha256 is None) == (self.header_sha256 is None):
             raise UsageError(
                 f"file entry {self.path!r:.80}: set exactly one of sha256 (format version 1) "
-                "and header_sha256 (format version 2)"
+                "and header_sha256 (format versions 2 and 3)"
+            )
+        if self.tensor_digest not in ("sha256", "crc32") or (
+            self.tensor_digest == "crc32" and self.header_sha256 is None
+        ):
+            raise UsageError(
+                f"file entry {self.path!r:.80}: tensor_digest={self.tensor_digest!r:.40} must be "
+                "'sha256' (format versions 1 and 2) or 'crc32' (format version 3, with "
+                "header_sha256)"
             )
 
     @property
     def format_version(self) -> int:
-        """1 for an entry with a whole-file ``sha256``, 2 for one with ``header_sha256``."""
-        return 1 if self.header_sha256 is None else 2
+        """1 for an entry with a whole-file ``sha256``; with ``header_sha256``,
+        2 (SHA-256 tensor digests) or 3 (CRC-32 tensor digests)."""
+        if self.header_sha256 is None:
+            return 1
+        return 3 if self.tensor_digest == "crc32" else 2
 
     def to_json_dict(self) -> dict[str, Any]:
         """The entry as the manifest's ``files[role]`` JSON object."""
@@ -168,7 +188,7 @@ class FileEntry:
         else:
             out["header_sha256"] = self.header_sha256
         out["tensors"] = {
-            name: {"dtype": t.dtype, "shape": list(t.shape), "sha256": t.sha256}
+            name: {"dtype": t.dtype, "shape": list(t.shape), self.tensor_digest: t.digest}
             for name, t in self.tensors.items()
         }
         return out
@@ -404,7 +424,8 @@ def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
     check_state_and_config(state, data["config"], where, fix)
 
     files = {
-        role: _file_entry(role, data["files"][role], where, fix) for role in sorted(data["files"])
+        role: _file_entry(role, data["files"][role], version, where, fix)
+        for role in sorted(data["files"])
     }
     for role in data["metadata"]:
         if not is_role(role):
@@ -427,8 +448,9 @@ def validate_manifest_dict(data: Any, where: str, fix: str = _FIX) -> Manifest:
     )
 
 
-def _file_entry(role: str, entry: dict[str, Any], where: str, fix: str) -> FileEntry:
-    """A schema-valid ``files[role]`` object as a `FileEntry` (CKPT-2, CKPT-4)."""
+def _file_entry(role: str, entry: dict[str, Any], version: int, where: str, fix: str) -> FileEntry:
+    """A schema-valid ``files[role]`` object of format ``version`` as a
+    `FileEntry` (CKPT-2, CKPT-4)."""
     if not is_role(role):
         raise CheckpointCorruptError(f"{where}: role {role!r} does not match {ROLE_PATTERN}; {fix}")
     if entry["path"] != f"{role}.safetensors":
@@ -444,26 +466,36 @@ def _file_entry(role: str, entry: dict[str, Any], where: str, fix: str) -> FileE
             _require_int(d, ("files", role, "tensors", name, "shape", i), where, fix)
             for i, d in enumerate(t["shape"])
         )
-        sha = _check_sha(t["sha256"], ("files", role, "tensors", name, "sha256"), where, fix)
-        tensors[name] = TensorEntry(t["dtype"], shape, sha)
-    if "header_sha256" in entry:  # format version 2 (CKPT-25)
-        header = _check_sha(entry["header_sha256"], ("files", role, "header_sha256"), where, fix)
-        return FileEntry(entry["path"], size, None, MappingProxyType(tensors), header_sha256=header)
-    sha = _check_sha(entry["sha256"], ("files", role, "sha256"), where, fix)
+        key = TENSOR_DIGESTS[version]
+        digest = _check_digest(t[key], ("files", role, "tensors", name, key), where, fix)
+        tensors[name] = TensorEntry(t["dtype"], shape, digest)
+    if version >= 2:  # format versions 2 and 3 (CKPT-25)
+        header = _check_digest(entry["header_sha256"], ("files", role, "header_sha256"), where, fix)
+        return FileEntry(
+            entry["path"],
+            size,
+            None,
+            MappingProxyType(tensors),
+            header_sha256=header,
+            tensor_digest=TENSOR_DIGESTS[version],
+        )
+    sha = _check_digest(entry["sha256"], ("files", role, "sha256"), where, fix)
     return FileEntry(entry["path"], size, sha, MappingProxyType(tensors))
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _files_validator(format_version: int) -> SchemaValidator:
     schema = manifest_schema(format_version)
     return SchemaValidator({"$defs": schema["$defs"], **schema["properties"]["files"]})
 
 
 def encode_file_entries(entries: Mapping[str, FileEntry]) -> bytes:
-    """``{role: FileEntry}`` as compact UTF-8 JSON (the manifest's ``files``
-    object), to send between ranks without pickle; `decode_file_entries`
-    inverts it. Raises `UsageError` for a role or entry of the wrong type."""
+    """``{role: FileEntry}`` as compact UTF-8 JSON — ``{"format_version": N,
+    "files": <the manifest's files object>}`` — to send between ranks without
+    pickle; `decode_file_entries` inverts it. Raises `UsageError` for a role
+    or entry of the wrong type, or entries of different format versions."""
     out: dict[str, Any] = {}
+    versions: set[int] = set()
     for role, entry in entries.items():
         if not is_role(role) or not isinstance(entry, FileEntry):
             raise UsageError(
@@ -471,28 +503,42 @@ def encode_file_entries(entries: Mapping[str, FileEntry]) -> bytes:
                 f"({ROLE_PATTERN}); pass what write_shard returned"
             )
         out[role] = entry.to_json_dict()
-    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        versions.add(entry.format_version)
+    if len(versions) > 1:
+        raise UsageError(
+            f"file entries of format versions {sorted(versions)} cannot travel together; "
+            "write every shard of a checkpoint with the same format_version"
+        )
+    version = versions.pop() if versions else FORMAT_VERSION
+    doc = {"format_version": version, "files": out}
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def decode_file_entries(raw: bytes | bytearray | memoryview) -> dict[str, FileEntry]:
-    """Parse `encode_file_entries` output strictly (CKPT-20) and validate it
-    against the schema's ``files`` object; raise `CheckpointCorruptError`
-    for anything else."""
+    """Parse `encode_file_entries` output strictly (CKPT-20) and validate its
+    ``files`` against the schema of its format version; raise
+    `CheckpointCorruptError` for anything else."""
     where = "file entries"
     try:
         data = loads_strict(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointCorruptError(f"{where}: not valid JSON ({exc}); {_FIX}") from exc
-    version = 1
-    if isinstance(data, dict) and any(
-        isinstance(e, dict) and "header_sha256" in e for e in data.values()
+    if (
+        not isinstance(data, dict)
+        or set(data) != {"format_version", "files"}
+        or type(data["format_version"]) is not int
+        or data["format_version"] not in SUPPORTED_FORMAT_VERSIONS
     ):
-        version = 2  # then every entry must be one of format version 2
-    violations = list(_files_validator(version).iter_errors(data))
+        raise CheckpointCorruptError(
+            f"{where}: expected an object with exactly 'format_version' (one of "
+            f"{sorted(SUPPORTED_FORMAT_VERSIONS)}) and 'files'; {_FIX}"
+        )
+    version, files = data["format_version"], data["files"]
+    violations = list(_files_validator(version).iter_errors(files))
     if violations:
         shown = "; ".join(str(v) for v in violations[:5])
         raise CheckpointCorruptError(f"{where}: invalid: {shown}; {_FIX}")
-    return {role: _file_entry(role, data[role], where, _FIX) for role in sorted(data)}
+    return {role: _file_entry(role, files[role], version, where, _FIX) for role in sorted(files)}
 
 
 def check_state_and_config(
@@ -538,9 +584,11 @@ def check_state_and_config(
     return parsed, parsed_config
 
 
-def _check_sha(value: str, path: tuple[str | int, ...], where: str, fix: str) -> str:
-    if not _SHA256.fullmatch(value):
+def _check_digest(value: str, path: tuple[str | int, ...], where: str, fix: str) -> str:
+    crc = path[-1] == "crc32"
+    if not (_CRC32 if crc else _SHA256).fullmatch(value):
         raise CheckpointCorruptError(
-            f"{where}: {json_path(path)} is {value!r}, not 64 lowercase hex digits; {fix}"
+            f"{where}: {json_path(path)} is {value!r}, not {8 if crc else 64} lowercase hex "
+            f"digits; {fix}"
         )
     return value

@@ -300,7 +300,7 @@ class SchemaValidator:
 
 _SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 #: The format versions whose manifest schema ships with this release.
-SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSIONS = (1, 2, 3)
 
 
 def _schema_path(format_version: int) -> Path:
@@ -318,8 +318,8 @@ def _load_manifest_schema(format_version: int) -> tuple[dict[str, Any], SchemaVa
     return schema, SchemaValidator(schema)
 
 
-def manifest_schema(format_version: int = 2) -> dict[str, Any]:
-    """The JSON Schema of a manifest of ``format_version`` (1 or 2; a fresh
+def manifest_schema(format_version: int = 3) -> dict[str, Any]:
+    """The JSON Schema of a manifest of ``format_version`` (1, 2 or 3; a fresh
     copy of the file ``gradaccum/schemas/checkpoint-v<N>.schema.json``
     shipped in the wheel, byte-identical to ``spec/checkpoint-v<N>.schema.json``).
     Another version raises `UsageError`."""
@@ -328,8 +328,8 @@ def manifest_schema(format_version: int = 2) -> dict[str, Any]:
     return result
 
 
-def manifest_validator(format_version: int = 2) -> SchemaValidator:
-    """A (cached) validator for the manifest schema of ``format_version`` (1 or 2)."""
+def manifest_validator(format_version: int = 3) -> SchemaValidator:
+    """A (cached) validator for the manifest schema of ``format_version`` (1, 2 or 3)."""
     return _load_manifest_schema(_checked(format_version))[1]
 
 

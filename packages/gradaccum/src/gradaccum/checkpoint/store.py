@@ -23,6 +23,7 @@ import re
 import stat
 import time
 import weakref
+import zlib
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +42,7 @@ from gradaccum.checkpoint.format import (
     ROLE_PATTERN,
     SPEC_VERSIONS,
     SUPPORTED_FORMAT_VERSIONS,
+    TENSOR_DIGESTS,
     FileEntry,
     Manifest,
     Producer,
@@ -78,6 +80,7 @@ __all__ = [
     "TensorFile",
     "TensorSource",
     "abort_checkpoint",
+    "check_format_version",
     "commit_checkpoint",
     "open_checkpoint",
     "read_checkpoint",
@@ -208,7 +211,8 @@ class _Planned:
     tensors: dict[str, TensorEntry]
     sha256: str | None  # format version 1: the whole file's digest
     chunks: Any  # bytes, or an iterator of buffers that fills in the digests
-    header_sha256: str | None = None  # format version 2: the header's digest
+    header_sha256: str | None = None  # format versions 2 and 3: the header's digest
+    tensor_digest: str = "sha256"  # the tensors' digest algorithm ("crc32": format 3)
 
     def entry(self) -> FileEntry:
         return FileEntry(
@@ -217,6 +221,7 @@ class _Planned:
             self.sha256,
             MappingProxyType(dict(self.tensors)),
             header_sha256=self.header_sha256,
+            tensor_digest=self.tensor_digest,
         )
 
 
@@ -227,12 +232,44 @@ def _hex(data: BytesLike) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_format_version(version: Any, where: str) -> int:
+def _crc_hex(data: BytesLike) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+class _Crc32:
+    """A running CRC-32 (zlib's: CRC-32/ISO-HDLC, as in ZIP, gzip and PNG)
+    with hashlib's ``update`` / ``hexdigest``; zlib releases the GIL for
+    updates over 5 KiB."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: BytesLike) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
+
+
+#: The tensor digest of each algorithm a file entry's ``tensor_digest`` names,
+#: as a function of the bytes and as a running hash object (CKPT-7, CKPT-26).
+_TENSOR_HEX: dict[str, Callable[[BytesLike], str]] = {"sha256": _hex, "crc32": _crc_hex}
+_TENSOR_HASHER: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "crc32": _Crc32}
+_TENSOR_LABEL = {"sha256": "SHA-256", "crc32": "CRC-32"}
+
+
+def check_format_version(version: Any, where: str) -> int:
+    """``version`` when it is a format version this release writes (1, 2 or
+    3; an ``int``, not a ``bool``), else `UsageError` naming it, prefixed by
+    ``where``, and the choices."""
     if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
         raise UsageError(
             f"{where}: format_version={version!r:.40} is not one this release writes; pass "
-            f"{' or '.join(str(v) for v in sorted(SUPPORTED_FORMAT_VERSIONS))} (the default, "
-            f"{FORMAT_VERSION}, hashes every byte once; 1 is for readers older than format 2)"
+            f"{', '.join(str(v) for v in sorted(SUPPORTED_FORMAT_VERSIONS))} (the default, "
+            f"{FORMAT_VERSION}, checks tensor data with CRC-32; 2 with SHA-256; 1 is for "
+            "readers older than format 2)"
         )
     return version
 
@@ -251,14 +288,15 @@ def _plan_file(role: Any, data: Any, where: str, version: int) -> _Planned:
             raise UsageError(f"{where}: {exc}; nothing was written") from exc
         view = memoryview(blob)
         start = header.data_start
-        digests = _tensor_digests(view, header)
+        algorithm = TENSOR_DIGESTS[version]
+        digests = _tensor_digests(view, header, algorithm=algorithm)
         tensors = {
             name: TensorEntry(info.dtype, info.shape, digests[name])
             for name, info in sorted(header.tensors.items())
         }
         if version == 1:
             return _Planned(role, len(blob), tensors, _hex(blob), blob)
-        return _Planned(role, len(blob), tensors, None, blob, _hex(view[:start]))
+        return _Planned(role, len(blob), tensors, None, blob, _hex(view[:start]), algorithm)
     if isinstance(data, Mapping):
         sources: dict[str, TensorSource] = {}
         for name, source in data.items():
@@ -275,13 +313,15 @@ def _plan_file(role: Any, data: Any, where: str, version: int) -> _Planned:
             sources[name] = source
         header_bytes, order = encode_header({n: (t.dtype, t.shape) for n, t in sources.items()})
         size = len(header_bytes) + sum(t.nbytes for t in sources.values())
+        pending = _PENDING[: 8 if TENSOR_DIGESTS[version] == "crc32" else 64]
         planned = _Planned(
             role,
             size,
-            {n: TensorEntry(t.dtype, t.shape, _PENDING) for n, t in sorted(sources.items())},
+            {n: TensorEntry(t.dtype, t.shape, pending) for n, t in sorted(sources.items())},
             _PENDING if version == 1 else None,
             None,
             None if version == 1 else _hex(header_bytes),
+            TENSOR_DIGESTS[version],
         )
         planned.chunks = _stream(planned, header_bytes, order, sources, where)
         return planned
@@ -301,11 +341,13 @@ def _stream(
     """Yield the file's bytes tensor by tensor while helper threads hash them;
     once exhausted, ``planned`` holds the real digests.
 
-    Each tensor's SHA-256 (and, for format version 1, the running digest of
-    the whole file, fed in order on one thread of its own) is computed on
-    helper threads while the caller writes the same, unchanged, buffer
-    (hashlib and ``os.write`` both release the GIL), with at most
-    `_LOOKAHEAD` tensors written ahead of their digests."""
+    Each tensor's digest (SHA-256, or CRC-32 in format version 3; and, for
+    format version 1, the running digest of the whole file, fed in order on
+    one thread of its own) is computed on helper threads while the caller
+    writes the same, unchanged, buffer (hashlib, zlib and ``os.write`` all
+    release the GIL), with at most `_LOOKAHEAD` tensors written ahead of
+    their digests."""
+    tensor_hex = _TENSOR_HEX[planned.tensor_digest]
     parallel = planned.size >= _PARALLEL_HASH_BYTES and (os.cpu_count() or 1) > 1
     file_hash = hashlib.sha256(header) if planned.sha256 is not None else None
     tensor_pool = ThreadPoolExecutor(2) if parallel else None
@@ -336,7 +378,9 @@ def _stream(
                 else:
                     file_hash.update(view)
             digest: Future[str] | str = (
-                tensor_pool.submit(_hex, view) if tensor_pool is not None else _hex(view)
+                tensor_pool.submit(tensor_hex, view)
+                if tensor_pool is not None
+                else tensor_hex(view)
             )
             pending.append((name, source, view.nbytes, digest, fed))
             in_flight += view.nbytes
@@ -799,11 +843,13 @@ def write_checkpoint(
     checkpoint with ``overwrite=False`` raises `CheckpointError`, also before
     any write.
 
-    ``format_version`` 2 (the default, ``spec/checkpoint-v2.md``) records
-    each file's header digest and each tensor's digest, so every byte is
-    hashed once, on helper threads while it is written (CKPT-25); 1 also
-    records each file's whole-file digest (every byte hashed twice), for
-    readers older than format 2. Another value raises `UsageError`.
+    ``format_version`` 3 (the default, ``spec/checkpoint-v3.md``) records
+    each file's header SHA-256 and each tensor's CRC-32, so every byte is
+    checked once, on helper threads while it is written (CKPT-25, CKPT-26);
+    2 records each tensor's SHA-256 instead (every byte under a cryptographic
+    digest, at about a third of CRC-32's speed); 1 also records each file's
+    whole-file SHA-256 (every byte hashed twice), for readers older than
+    format 2. Another value raises `UsageError`.
 
     The directory — the tensor files, ``manifest.json`` and its checksum
     ``manifest.sha256`` (CKPT-21) — is then replaced atomically (CKPT-12):
@@ -814,7 +860,7 @@ def write_checkpoint(
     target = _target(path)
     shown = os.fspath(path)
     where = f"cannot write checkpoint at '{shown}'"
-    version = _check_format_version(format_version, where)
+    version = check_format_version(format_version, where)
     doc = _Document(where, state, config, producer, world_size, metadata)
     planned = _plan_files(files, where, version)
     doc.manifest({p.role: p.entry() for p in planned}, version)  # all but streamed digests
@@ -906,7 +952,7 @@ def write_shard(
     target = _target(path)
     where = f"cannot write checkpoint at '{os.fspath(path)}'"
     tmp = atomic.temporary_path(target, _check_token(token, where))
-    version = _check_format_version(format_version, where)
+    version = check_format_version(format_version, where)
     planned = _plan_files(files, where, version)
     if not tmp.is_dir() or tmp.is_symlink():
         raise CheckpointError(
@@ -1064,18 +1110,23 @@ def _tensor_mismatch(
     label: str, entry: FileEntry, name: str, digest: str
 ) -> CheckpointChecksumError:
     return CheckpointChecksumError(
-        f"{label}: tensor {name!r} in {entry.path!r} has SHA-256 "
-        f"{_short(digest)} but the manifest records {_short(entry.tensors[name].sha256)}; "
+        f"{label}: tensor {name!r} in {entry.path!r} has {_TENSOR_LABEL[entry.tensor_digest]} "
+        f"{_short(digest)} but the manifest records {_short(entry.tensors[name].digest)}; "
         f"{_RESTORE}"
     )
 
 
 def _tensor_digests(
-    view: memoryview, header: SafetensorsHeader, only: Collection[str] | None = None
+    view: memoryview,
+    header: SafetensorsHeader,
+    only: Collection[str] | None = None,
+    *,
+    algorithm: str,
 ) -> dict[str, str]:
-    """Every tensor's SHA-256 (or those named in ``only``), in the header's
-    order, on two threads when the file is large (the digests are
-    independent: CKPT-25)."""
+    """Every tensor's digest with ``algorithm`` (or those named in ``only``),
+    in the header's order, on two threads when the file is large (the
+    digests are independent: CKPT-25)."""
+    hex_of = _TENSOR_HEX[algorithm]
     start = header.data_start
     spans = [
         (name, start + info.begin, start + info.end)
@@ -1084,9 +1135,9 @@ def _tensor_digests(
     ]
     total = sum(end - begin for _, begin, end in spans)
     if total < _PARALLEL_HASH_BYTES or len(spans) < 2 or (os.cpu_count() or 1) < 2:
-        return {name: _hex(view[begin:end]) for name, begin, end in spans}
+        return {name: hex_of(view[begin:end]) for name, begin, end in spans}
     with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(_hex, view[begin:end]) for name, begin, end in spans}
+        futures = {name: pool.submit(hex_of, view[begin:end]) for name, begin, end in spans}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -1109,7 +1160,7 @@ def _verify_digests(
                 digest = _hex(data[: header.data_start])
                 if digest != entry.header_sha256:
                     raise _file_mismatch(label, entry, digest)
-            digests = _tensor_digests(data, header, only)
+            digests = _tensor_digests(data, header, only, algorithm=entry.tensor_digest)
         else:
             side = _Side(hashlib.sha256(), not file_verified and len(data) >= _PARALLEL_HASH_BYTES)
             try:
@@ -1130,7 +1181,7 @@ def _verify_digests(
     finally:
         data.release()
     for name, tensor_digest in digests.items():
-        if tensor_digest != entry.tensors[name].sha256:
+        if tensor_digest != entry.tensors[name].digest:
             raise _tensor_mismatch(label, entry, name, tensor_digest)
 
 
@@ -1207,7 +1258,8 @@ def _stream_digests(
         (header.data_start + info.begin, header.data_start + info.end, name)
         for name, info in header.tensors.items()
     ]
-    hashes = {name: hashlib.sha256() for _, _, name in spans}
+    new_hasher = _TENSOR_HASHER[entry.tensor_digest]
+    hashes = {name: new_hasher() for _, _, name in spans}
     if not v1:  # format 2: the header's bytes are a span of their own (CKPT-25)
         spans.insert(0, (0, header.data_start, ""))
         hashes[""] = side.hasher
@@ -1245,7 +1297,7 @@ def _stream_digests(
         if not name:
             continue
         tensor_digest = hashes[name].hexdigest()
-        if tensor_digest != entry.tensors[name].sha256:
+        if tensor_digest != entry.tensors[name].digest:
             raise _tensor_mismatch(label, entry, name, tensor_digest)
 
 
