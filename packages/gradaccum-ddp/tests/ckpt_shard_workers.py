@@ -302,6 +302,16 @@ def formats_program(rank: int, world_size: int, out_dir: str) -> None:
             result[name] = error_info(exc)
             result[f"{name}_gradaccum"] = isinstance(exc, GradAccumError)
         result[f"{name}_position"] = acc.stats.position
+    # at a boundary, without model and optimizer: a checkpoint without tensor files
+    _train(ddp, acc, 2, seed=5)
+    for version in (1, 2):
+        acc.save(
+            out / f"empty-v{version}",
+            model=False,
+            optimizer=False,
+            scheduler=False,
+            format_version=version,
+        )
     for name in ("v3", "v2", "v2-gather"):
         ddp2, acc2 = _build(4)
         acc2.load(out / name)

@@ -167,7 +167,9 @@ def test_ranks_save_in_the_format_version_asked_and_agree_on_it(tmp_path: Path) 
     writes format 3; all three hold the same tensors and resume to the same
     parameters. Ranks passing different format versions, or one passing a
     version this release does not write, raise on every rank (a
-    GradAccumError) and write nothing; the open window is untouched."""
+    GradAccumError) and write nothing; the open window is untouched. A
+    checkpoint without tensor files (at a boundary, without model and
+    optimizer) is still written in the format version asked."""
     result = launch(W.formats_program, 2, str(tmp_path), timeout=240)
     assert result.ok, f"the ranks failed: {result}"
     ckpts = {name: read_checkpoint(tmp_path / name) for name in ("v3", "v2", "v2-gather")}
@@ -183,6 +185,14 @@ def test_ranks_save_in_the_format_version_asked_and_agree_on_it(tmp_path: Path) 
         for role in ckpt.roles:
             assert ckpt.tensors(role) == ckpts["v3"].tensors(role), (name, role)
     assert ckpts["v2"].manifest.files == ckpts["v2-gather"].manifest.files
+    for version in (1, 2):  # no tensor file to tell the version: the manifest still does
+        empty = read_checkpoint(tmp_path / f"empty-v{version}")
+        assert empty.roles == ()
+        assert empty.state["position"] == 0
+        assert (empty.manifest.format_version, empty.manifest.spec_version) == (
+            version,
+            {1: "1.2.0", 2: "2.0.0"}[version],
+        )
     assert not (tmp_path / "mixed").exists()
     assert not (tmp_path / "invalid").exists()
     rank0, rank1 = _results(tmp_path, "formats")

@@ -186,16 +186,23 @@ def test_model_checkpoint_every_n_train_steps_saves_after_boundaries_quietly(
 def test_shared_format_save_resumes_in_plain_gradaccum_torch_and_in_resume(
     tmp_path: Path,
 ) -> None:
-    """ACC-R2, CKPT-5, CKPT-18: ``GradAccum.save(dir)`` after microbatch 5 (mid-window)
-    writes the shared format with parameter names without ``model.``; a plain
-    ``gradaccum_torch.Accumulator`` over the bare model loads it and finishes the epoch
-    bitwise like the uninterrupted Trainer run; so does a fresh Trainer with
-    ``GradAccum(resume=dir)`` fed the rest of the epoch."""
+    """ACC-R2, CKPT-5, CKPT-18, CKPT-26: ``GradAccum.save(dir)`` after microbatch 5
+    (mid-window) writes the shared format (format 3; ``format_version=2`` on request) with
+    parameter names without ``model.``; a plain ``gradaccum_torch.Accumulator`` over the
+    bare model loads either and finishes the epoch bitwise like the uninterrupted Trainer
+    run; so does a fresh Trainer with ``GradAccum(resume=dir)`` fed the rest of the epoch."""
     _, straight, _ = _straight(epochs=1)
-    shared = tmp_path / "shared"
-    stop = W.StopAfter(5, lambda t: GradAccum.of(t).save(shared))
+    shared, shared_v2 = tmp_path / "shared", tmp_path / "shared-v2"
+
+    def save_both(t: Any) -> None:
+        GradAccum.of(t).save(shared)
+        GradAccum.of(t).save(shared_v2, format_version=2)
+
+    stop = W.StopAfter(5, save_both)
     W.trainer([_ga(model_attr="model"), stop]).fit(_net(), ListLoader(W.batches(SIZES)))
 
+    assert read_checkpoint(shared).manifest.format_version == 3
+    assert read_checkpoint(shared_v2).manifest.format_version == 2
     ckpt = read_checkpoint(shared)
     assert ckpt.producer.name == "gradaccum-lightning"
     assert set(tensors_from_bytes(ckpt.file_bytes("model"))) == NAMES
@@ -203,17 +210,18 @@ def test_shared_format_save_resumes_in_plain_gradaccum_torch_and_in_resume(
     assert ckpt.state["position"] == 2
 
     # Plain gradaccum-torch: the bare model, its optimizer and scheduler, the rest of the pass.
-    model = W.make_model(seed=11)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
-    acc = Accumulator(model, opt, steps=4, normalization="items", scheduler=scheduler)
-    acc.load(shared)
-    rest = W.batches(SIZES)[6:]
-    for j, (x, y, n) in enumerate(acc.iterate(rest), start=6):
-        with acc.microbatch(torch.tensor(n) if j % 2 else n):
-            acc.backward(W.loss_fn(model(x), y, "items"))
-    assert _equal(W.params(model), W.params(straight))
-    assert acc.stats.optimizer_steps == 3
+    for path in (shared, shared_v2):
+        model = W.make_model(seed=11)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
+        acc = Accumulator(model, opt, steps=4, normalization="items", scheduler=scheduler)
+        acc.load(path)
+        rest = W.batches(SIZES)[6:]
+        for j, (x, y, n) in enumerate(acc.iterate(rest), start=6):
+            with acc.microbatch(torch.tensor(n) if j % 2 else n):
+                acc.backward(W.loss_fn(model(x), y, "items"))
+        assert _equal(W.params(model), W.params(straight)), path.name
+        assert acc.stats.optimizer_steps == 3
 
     # GradAccum(resume=dir): a fresh module; the stateful loader holds the rest of the pass.
     module, ga = _net(seed=7), _ga(model_attr="model", resume=shared)

@@ -961,3 +961,60 @@ def test_one_process_save_is_refused_on_several_ranks(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"on 2 ranks need a distributed side that gathers"):
         acc.save(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+class FirstSignatureCheckpoints(MirroredRanks):
+    """A `DistributedCheckpoints` written before ``format_version`` existed: its
+    ``save_checkpoint`` takes the first signature only; it records its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[dict[str, Any]] = []
+
+    def save_checkpoint(
+        self, acc: Any, path: Any, *, model: bool, optimizer: bool, scheduler: bool, scaler: bool
+    ) -> None:
+        self.saved.append({"model": model, "optimizer": optimizer})
+
+    def load_checkpoint(self, acc: Any, path: Any) -> None:
+        raise AssertionError("not called")
+
+
+class CurrentSignatureCheckpoints(FirstSignatureCheckpoints):
+    """The same with today's signature: it also receives ``format_version``."""
+
+    def save_checkpoint(  # type: ignore[override]
+        self,
+        acc: Any,
+        path: Any,
+        *,
+        model: bool,
+        optimizer: bool,
+        scheduler: bool,
+        scaler: bool,
+        format_version: int,
+    ) -> None:
+        self.saved.append({"model": model, "optimizer": optimizer, "format": format_version})
+
+
+def test_distributed_checkpoints_of_the_first_signature_still_save(tmp_path: Path) -> None:
+    """CKPT-26: a distributed side whose save_checkpoint predates format_version
+    still receives the default save (without the keyword), and a save asking
+    for another format version is refused with a UsageError naming the fix,
+    before it is called; one of today's signature receives the version."""
+    model = make_model()
+    old = FirstSignatureCheckpoints()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, distributed=old)
+    acc.save(tmp_path / "ckpt")
+    assert old.saved == [{"model": True, "optimizer": True}]
+    with pytest.raises(UsageError, match=r"save_checkpoint takes no format_version.*format 3"):
+        acc.save(tmp_path / "ckpt", format_version=2)
+    assert old.saved == [{"model": True, "optimizer": True}]
+    new = CurrentSignatureCheckpoints()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, distributed=new)
+    acc.save(tmp_path / "ckpt", format_version=2, optimizer=False)
+    acc.save(tmp_path / "ckpt")
+    assert new.saved == [
+        {"model": True, "optimizer": False, "format": 2},
+        {"model": True, "optimizer": True, "format": 3},
+    ]

@@ -76,7 +76,7 @@ GRADIENTS = {
 }
 
 
-def write_small(path: Path, format_version: int = 2) -> Path:
+def write_small(path: Path, format_version: int = 3) -> Path:
     """A small mid-window checkpoint (gradients and optimizer metadata) at ``path``."""
     write_checkpoint(
         path,
@@ -109,7 +109,7 @@ def set_manifest_text(ckpt: Path, text: str) -> None:
 
 def rehash_file(ckpt: Path, role: str) -> None:
     """Record the edited file's size and digest — format 1: of the whole
-    file; format 2: of its length prefix and header (CKPT-25) — in the
+    file; formats 2 and 3: of its length prefix and header (CKPT-25) — in the
     manifest, reseal it."""
     blob = (ckpt / f"{role}.safetensors").read_bytes()
     doc = json.loads((ckpt / "manifest.json").read_text())
@@ -418,28 +418,35 @@ def test_malformed_sidecar_refused(ckpt: Path, sidecar: bytes) -> None:
     refused(ckpt, r"manifest.sha256 is .* not '<64 lowercase hex digits>  manifest.json")
 
 
-def test_deleted_sidecar_of_new_manifest_refused(ckpt: Path, tmp_path: Path) -> None:
-    """CKPT-21, CKPT-25: a spec-2.0.0 manifest (format 2) and a spec-1.2.0
-    one (format 1) without their manifest.sha256 are refused."""
+@pytest.mark.parametrize("version", [3, 2])
+def test_deleted_sidecar_of_new_manifest_refused(tmp_path: Path, version: int) -> None:
+    """CKPT-21, CKPT-25, CKPT-26: a spec-3.0.0 manifest (format 3), a
+    spec-2.0.0 one (format 2) and a spec-1.2.0 one (format 1) without their
+    manifest.sha256 are refused."""
+    ckpt = write_small(tmp_path / "new", format_version=version)
     (ckpt / "manifest.sha256").unlink()
     refused(
         ckpt,
-        r"says format version 2 \(spec 2\.0\.0\), whose checkpoints always have manifest.sha256",
+        rf"says format version {version} \(spec {version}\.0\.0\), whose checkpoints always "
+        "have manifest.sha256",
     )
     old = write_small(tmp_path / "format1", format_version=1)
     (old / "manifest.sha256").unlink()
     refused(old, r"says spec 1\.2\.0, whose checkpoints always have manifest.sha256")
 
 
-def test_format_2_manifest_cannot_opt_out_of_its_sidecar(ckpt: Path) -> None:
-    """CKPT-21, CKPT-25: a format-2 manifest edited to claim an old spec
-    version (whose checkpoints had no manifest.sha256) and stripped of its
-    manifest.sha256 is still refused: every format-2 checkpoint has one."""
+@pytest.mark.parametrize("version", [3, 2])
+def test_format_2_manifest_cannot_opt_out_of_its_sidecar(tmp_path: Path, version: int) -> None:
+    """CKPT-21, CKPT-25, CKPT-26: a format-2 or format-3 manifest edited to
+    claim an old spec version (whose checkpoints had no manifest.sha256) and
+    stripped of its manifest.sha256 is still refused: every format-2 and
+    format-3 checkpoint has one."""
+    ckpt = write_small(tmp_path / "new", format_version=version)
     doc = json.loads((ckpt / "manifest.json").read_text())
     doc["spec_version"] = "1.0.0"
     (ckpt / "manifest.json").write_text(json.dumps(doc))
     (ckpt / "manifest.sha256").unlink()
-    refused(ckpt, r"says format version 2 \(spec 1\.0\.0\), whose checkpoints always have")
+    refused(ckpt, rf"says format version {version} \(spec 1\.0\.0\), whose checkpoints always")
 
 
 def test_old_checkpoint_without_sidecar_reads_unprotected(

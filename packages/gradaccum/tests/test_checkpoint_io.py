@@ -447,10 +447,11 @@ def test_flipped_byte(ckpt: Path, offset: int) -> None:
 
 
 def test_every_byte_is_covered(ckpt: Path) -> None:
-    """CKPT-7, CKPT-25: flipping any single byte of a tensor file — length
-    prefix, header, padding or data — is refused with CheckpointChecksumError
-    by every reader; in format 2 the header digest and the tensors' digests
-    cover the file exactly once between them (their spans tile it)."""
+    """CKPT-7, CKPT-25, CKPT-26: flipping any single byte of a tensor file —
+    length prefix, header, padding or data — is refused with
+    CheckpointChecksumError by every reader, in every format version; in
+    formats 2 and 3 the header digest and the tensors' digests cover the file
+    exactly once between them (their spans tile it)."""
     f = ckpt / "optimizer.safetensors"
     original = f.read_bytes()
     header = read_safetensors_header(original)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gradaccum.checkpoint import (
+    FileEntry,
     Producer,
     RawTensor,
     TensorSource,
@@ -620,3 +621,55 @@ def test_file_entries_travel_with_their_format_version(tmp_path: Path, version: 
     )
     with pytest.raises(UsageError, match="cannot travel together"):
         encode_file_entries({**entries, **other})
+
+
+def test_file_entry_and_transport_refuse_bad_values_with_usage_errors() -> None:
+    """CKPT-26: a FileEntry with a tensor digest other than 'sha256' or 'crc32',
+    or 'crc32' without a header digest (format 3 has one), is a UsageError; so
+    are encode_file_entries and decode_file_entries given what is neither
+    entries nor bytes — never another exception type."""
+    good = FileEntry("g.safetensors", 8, None, {}, header_sha256="a" * 64, tensor_digest="crc32")
+    assert good.format_version == 3
+    for bad in ("md5", "CRC32", 32, None, b"crc32", ["crc32"]):
+        with pytest.raises(UsageError, match="tensor_digest="):
+            FileEntry("g.safetensors", 8, None, {}, header_sha256="a" * 64, tensor_digest=bad)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="tensor_digest='crc32'"):
+        FileEntry("g.safetensors", 8, "a" * 64, {}, tensor_digest="crc32")
+    for raw in ("{}", None, -1, 10**12, 3.5):
+        with pytest.raises(UsageError, match="expected the bytes encode_file_entries returned"):
+            decode_file_entries(raw)  # type: ignore[arg-type]
+    for entries in (None, [("g", good)], "g"):
+        with pytest.raises(UsageError, match="must be a mapping of roles to FileEntry"):
+            encode_file_entries(entries)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", [3, 2, 1])
+def test_commit_writes_the_format_version_asked_even_without_files(
+    tmp_path: Path, version: int
+) -> None:
+    """CKPT-25, CKPT-26: commit_checkpoint(format_version=N) writes a format-N
+    manifest (its spec version) even when no rank wrote a tensor file, and
+    refuses entries of another format version with UsageError, the previous
+    checkpoint untouched."""
+    path = tmp_path / "ckpt"
+    kwargs: dict[str, Any] = {
+        "token": TOKEN, "state": STATE, "config": CONFIG, "producer": PRODUCER, "world_size": 2
+    }  # fmt: skip
+    stage_checkpoint(path, **kwargs)
+    m = commit_checkpoint(path, entries={}, format_version=version, **kwargs)
+    assert (m.format_version, m.spec_version) == (
+        version,
+        f"{version}.{2 if version == 1 else 0}.0",
+    )
+    assert read_checkpoint(path).manifest == m
+    before = tree(tmp_path)
+    other = 1 if version != 1 else 3
+    stage_checkpoint(path, **kwargs)
+    entries = write_shard(path, token=TOKEN, files=shard_files(0), format_version=other)
+    with pytest.raises(UsageError, match="write every shard with the same format_version"):
+        commit_checkpoint(path, entries=entries, format_version=version, **kwargs)
+    assert tree(tmp_path) == before
+    stage_checkpoint(path, **kwargs)
+    with pytest.raises(UsageError, match="format_version=9 is not one this release writes"):
+        commit_checkpoint(path, entries={}, format_version=9, **kwargs)
+    assert tree(tmp_path) == before

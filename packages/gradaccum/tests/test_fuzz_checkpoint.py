@@ -352,9 +352,9 @@ def _examples() -> int:
     return int(os.environ.get("GRADACCUM_FUZZ_EXAMPLES", "300"))
 
 
-@pytest.mark.parametrize("version", [2, 1], ids=["v2", "v1"])
+@pytest.mark.parametrize("version", [3, 2, 1], ids=["v3", "v2", "v1"])
 def test_fuzz_checkpoint_reader_and_commands(tmp_path: Path, version: int) -> None:
-    """CKPT-17, CKPT-20, CKPT-21, CKPT-25: GRADACCUM_FUZZ_EXAMPLES seeded
+    """CKPT-17, CKPT-20, CKPT-21, CKPT-25, CKPT-26: GRADACCUM_FUZZ_EXAMPLES seeded
     mutations of a real mid-window checkpoint of each format version are each
     accepted or refused with a CheckpointError, the same way by every reader
     and both commands; at least one in ten is refused by the manifest checksum

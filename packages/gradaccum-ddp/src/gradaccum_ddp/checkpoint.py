@@ -317,6 +317,7 @@ def save_distributed(
                     entries=entries,
                     world_size=world,
                     metadata=metadata,
+                    format_version=format_version,
                 )
                 staged = False
             except Exception as exc:

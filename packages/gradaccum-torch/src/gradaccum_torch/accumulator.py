@@ -755,15 +755,23 @@ class Accumulator:
             self._distributed, DistributedCheckpoints
         ):
             # checked there, inside the ranks' agreement, so that every rank raises together
-            self._ranks_checkpoints().save_checkpoint(
-                self,
-                path,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                format_version=format_version,
-            )
+            ranks = self._ranks_checkpoints()
+            kwargs: dict[str, Any] = {
+                "model": model,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "scaler": scaler,
+            }
+            if _takes_keyword(ranks.save_checkpoint, "format_version"):
+                kwargs["format_version"] = format_version
+            elif format_version != FORMAT_VERSION:
+                raise UsageError(
+                    f"{type(ranks).__name__}.save_checkpoint takes no format_version (it was "
+                    f"written before there was one), so it writes format {FORMAT_VERSION}; "
+                    f"drop format_version={format_version!r:.40} or add the keyword to it "
+                    "(gradaccum_torch.DistributedCheckpoints)"
+                )
+            ranks.save_checkpoint(self, path, **kwargs)
             return
         save_checkpoint(
             self,
@@ -799,6 +807,20 @@ class Accumulator:
                 f"{type(ranks).__name__} is not one"
             )
         return ranks
+
+
+def _takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``name`` (or ``**kwargs``);
+    ``True`` when its signature cannot be read."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in parameters
+    )
 
 
 def _check_scheduler(scheduler: Any | None, optimizer: torch.optim.Optimizer) -> None:

@@ -412,7 +412,7 @@ def prepare_load(
     — only for processes that read the very same files (same machine, same
     inodes) and then agree on their verdicts before anything is applied, as
     `gradaccum_ddp` does — makes this process hash, of the replicated
-    format-2 files (`REPLICATED_ROLES`), only its part
+    format-2 and format-3 files (`REPLICATED_ROLES`), only its part
     (`verification_share`) and every header; its own files it always
     verifies whole."""
     if share is not None and not (
@@ -526,8 +526,8 @@ def _verified_views(
     ckpt: Checkpoint, role: str, share: tuple[int, int] | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``role``'s tensors as read-only views of its mapped file, every byte
-    verified against the manifest first, in one pass (CKPT-7, CKPT-25): format
-    2 hashes the header and the tensors (on two threads), format 1 the whole
+    verified against the manifest first, in one pass (CKPT-7, CKPT-25, CKPT-26):
+    formats 2 and 3 hash the header and check the tensors (on two threads), format 1 the whole
     file (the header was checked against the manifest's tensor index when the
     file was opened; the per-tensor digests cover a subset of the same bytes)."""
     entry = ckpt.manifest.files[role]

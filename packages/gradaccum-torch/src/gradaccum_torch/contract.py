@@ -113,7 +113,10 @@ class DistributedCheckpoints(Protocol):
         rank at the same point. ``format_version`` is not checked yet: check it
         (``gradaccum.checkpoint.check_format_version``) where the ranks agree
         before writing, so that a bad or differing value raises on every rank
-        instead of leaving the others waiting."""
+        instead of leaving the others waiting. (An implementation written
+        before the keyword existed still works: `Accumulator.save` calls it
+        without ``format_version`` for the default format and refuses another
+        one with `UsageError`.)"""
         ...
 
     def load_checkpoint(self, acc: Any, path: str | os.PathLike[str]) -> None:

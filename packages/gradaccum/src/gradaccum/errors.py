@@ -72,7 +72,8 @@ class CheckpointVersionError(CheckpointError, ValueError):
 
 
 class CheckpointChecksumError(CheckpointCorruptError):
-    """A file's or tensor's SHA-256 does not match the manifest."""
+    """A file's, header's or tensor's digest (SHA-256, or a tensor's CRC-32 in
+    format 3) does not match the manifest."""
 
 
 class CheckpointMismatchError(CheckpointError, ValueError):

@@ -1,7 +1,9 @@
-"""The gradaccum checkpoint format, version 1 (normative text: ``spec/checkpoint-v1.md``).
+"""The gradaccum checkpoint format (normative text: ``spec/checkpoint-v1.md``, with
+``spec/checkpoint-v2.md`` and ``spec/checkpoint-v3.md``, the default, amending it).
 
 A checkpoint is a directory: ``manifest.json`` (format version, spec version,
-producer, accumulation state, config, a tensor index with SHA-256 checksums,
+producer, accumulation state, config, a tensor index with checksums — each
+header's SHA-256 and each tensor's CRC-32 in format 3 —,
 per-role metadata), its checksum ``manifest.sha256`` and one safetensors file
 per role. It is written atomically (from bytes, or streamed tensor by tensor;
 by one process, or by every rank into a shared directory), read without

@@ -163,8 +163,10 @@ class FileEntry:
                 f"file entry {self.path!r:.80}: set exactly one of sha256 (format version 1) "
                 "and header_sha256 (format versions 2 and 3)"
             )
-        if self.tensor_digest not in ("sha256", "crc32") or (
-            self.tensor_digest == "crc32" and self.header_sha256 is None
+        if (
+            not isinstance(self.tensor_digest, str)
+            or self.tensor_digest not in ("sha256", "crc32")
+            or (self.tensor_digest == "crc32" and self.header_sha256 is None)
         ):
             raise UsageError(
                 f"file entry {self.path!r:.80}: tensor_digest={self.tensor_digest!r:.40} must be "
@@ -494,6 +496,11 @@ def encode_file_entries(entries: Mapping[str, FileEntry]) -> bytes:
     "files": <the manifest's files object>}`` — to send between ranks without
     pickle; `decode_file_entries` inverts it. Raises `UsageError` for a role
     or entry of the wrong type, or entries of different format versions."""
+    if not isinstance(entries, Mapping):
+        raise UsageError(
+            f"file entries {entries!r:.100} must be a mapping of roles to FileEntry; pass what "
+            "write_shard returned"
+        )
     out: dict[str, Any] = {}
     versions: set[int] = set()
     for role, entry in entries.items():
@@ -517,8 +524,13 @@ def encode_file_entries(entries: Mapping[str, FileEntry]) -> bytes:
 def decode_file_entries(raw: bytes | bytearray | memoryview) -> dict[str, FileEntry]:
     """Parse `encode_file_entries` output strictly (CKPT-20) and validate its
     ``files`` against the schema of its format version; raise
-    `CheckpointCorruptError` for anything else."""
+    `CheckpointCorruptError` for anything else (`UsageError` for something
+    that is not bytes)."""
     where = "file entries"
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise UsageError(
+            f"{where}: got a {type(raw).__name__}, expected the bytes encode_file_entries returned"
+        )
     try:
         data = loads_strict(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

@@ -606,8 +606,9 @@ class Checkpoint:
 
     def read_file(self, role: str) -> bytes:
         """The bytes of ``<role>.safetensors``, verified against the manifest
-        (size, header, the file's — format 1 — or header's — format 2 — and
-        every tensor's SHA-256: CKPT-7, CKPT-25). An opened
+        (size, header, the file's SHA-256 — format 1 — or header's — formats 2
+        and 3 — and every tensor's digest: SHA-256, or CRC-32 in format 3;
+        CKPT-7, CKPT-25, CKPT-26). An opened
         checkpoint reads exactly the declared size from the file and holds
         nothing afterwards; raises `CheckpointMismatchError` for a role the
         checkpoint does not hold, `CheckpointChecksumError` when the bytes
@@ -630,13 +631,14 @@ class Checkpoint:
         """``<role>.safetensors`` memory-mapped read-only, as a `TensorFile`.
 
         With ``verify`` (the default) the mapped bytes are hashed against the
-        manifest first (the file's or header's and every tensor's SHA-256,
-        CKPT-7, CKPT-25; a format-2 file's tensors on two threads) — pass ``False``
+        manifest first (the file's or header's SHA-256 and every tensor's
+        digest, CKPT-7, CKPT-25, CKPT-26; a format-2 or -3 file's tensors on
+        two threads) — pass ``False``
         only when `open_checkpoint` already verified them and the file cannot
         have changed since. The header is always re-read from the mapping
         and checked against the manifest's index.
 
-        ``only`` (with ``verify``) hashes, of a format-2 file, the header and
+        ``only`` (with ``verify``) hashes, of a format-2 or -3 file, the header and
         just the named tensors — for callers that share one file's
         verification among processes reading the same file and agree on the
         verdict (the DDP loader); a name the file does not hold raises
@@ -984,6 +986,7 @@ def commit_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = True,
     verify: bool = False,
+    format_version: int | None = None,
 ) -> Manifest:
     """Finish a checkpoint staged with `stage_checkpoint` (rank 0, after every
     rank's `write_shard` returned) and return its manifest.
@@ -991,8 +994,10 @@ def commit_checkpoint(
     Checks that the staging directory holds exactly the files of
     ``entries`` — regular files of the recorded sizes whose safetensors
     headers match the recorded tensor index; with ``verify`` also re-hashed —
-    that every entry is of the same format version (the checkpoint's), and
-    that the manifest is valid, then writes ``manifest.json`` and
+    that every entry is of the same format version, the checkpoint's
+    (``format_version``, the one passed to `write_shard`; ``None``: the
+    entries', or the default when there are none), and that the manifest is
+    valid, then writes ``manifest.json`` and
     ``manifest.sha256`` and installs the directory atomically (CKPT-12).
     Any failure raises (`UsageError`, `CheckpointError`), removes the staging
     directory and leaves ``path`` unchanged."""
@@ -1008,8 +1013,11 @@ def commit_checkpoint(
             raise UsageError(
                 f"{where}: entries must map roles to the FileEntry objects write_shard returned"
             )
-        versions = {e.format_version for e in entries.values()}
-        version = versions.pop() if len(versions) == 1 else FORMAT_VERSION
+        if format_version is not None:
+            version = check_format_version(format_version, where)
+        else:
+            versions = {e.format_version for e in entries.values()}
+            version = versions.pop() if len(versions) == 1 else FORMAT_VERSION
         manifest = doc.manifest(entries, version)
         _check_target(target, shown, overwrite)
         _check_staged(tmp, manifest, where, verify)
@@ -1150,8 +1158,8 @@ def _verify_digests(
     file_verified: bool = False,
     only: Collection[str] | None = None,
 ) -> None:
-    """Compare the file's digest (format 1: of all its bytes; format 2: of
-    its header) unless ``file_verified``, then every tensor's (format 2:
+    """Compare the file's digest (format 1: of all its bytes; formats 2 and 3:
+    of its header) unless ``file_verified``, then every tensor's (formats 2 and 3:
     those in ``only``, when given), with the manifest — the file's first."""
     data = memoryview(view)
     try:
@@ -1204,7 +1212,7 @@ def _verify_blob(blob: bytes, entry: FileEntry, label: str) -> SafetensorsHeader
 
 
 def _header_span(prefix: BytesLike, size: int) -> int:
-    """How many leading bytes a format-2 header digest covers, judged from
+    """How many leading bytes a format-2 or -3 header digest covers, judged from
     the file's length prefix (at most the file and CKPT-6's header limit)."""
     if size < 8 or len(prefix) < 8:
         return min(size, len(prefix))
@@ -1214,7 +1222,7 @@ def _header_span(prefix: BytesLike, size: int) -> int:
 
 def _recorded_digest(data: memoryview, entry: FileEntry) -> str:
     """The digest the manifest records for a file whose bytes are ``data``:
-    of all of it (format 1) or of its header (format 2)."""
+    of all of it (format 1) or of its header (formats 2 and 3)."""
     if entry.header_sha256 is None:
         return _hex(data)
     return _hex(data[: _header_span(data, len(data))])
@@ -1222,7 +1230,7 @@ def _recorded_digest(data: memoryview, entry: FileEntry) -> str:
 
 def _file_digest(fd: int, size: int, entry: FileEntry) -> str:
     """The digest the manifest records for the first ``size`` bytes of
-    ``fd`` (format 1: all of them; format 2: the header's), read in bounded
+    ``fd`` (format 1: all of them; formats 2 and 3: the header's), read in bounded
     chunks."""
     if entry.header_sha256 is not None:
         size = _header_span(os.pread(fd, 8, 0), size)
@@ -1238,8 +1246,8 @@ def _file_digest(fd: int, size: int, entry: FileEntry) -> str:
 
 
 def _verify_fd(fd: int, header: SafetensorsHeader, entry: FileEntry, label: str) -> None:
-    """Stream the file open at ``fd`` through SHA-256 in bounded chunks (the
-    file's digest — format 1: of every byte, on a helper thread; format 2: of
+    """Stream the file open at ``fd`` in bounded chunks through its digests (the
+    file's SHA-256 — format 1: of every byte, on a helper thread; formats 2 and 3: of
     the header — and every tensor's at once) and compare with the manifest."""
     side = _Side(
         hashlib.sha256(), entry.header_sha256 is None and entry.size >= _PARALLEL_HASH_BYTES
@@ -1260,7 +1268,7 @@ def _stream_digests(
     ]
     new_hasher = _TENSOR_HASHER[entry.tensor_digest]
     hashes = {name: new_hasher() for _, _, name in spans}
-    if not v1:  # format 2: the header's bytes are a span of their own (CKPT-25)
+    if not v1:  # formats 2 and 3: the header's bytes are a span of their own (CKPT-25)
         spans.insert(0, (0, header.data_start, ""))
         hashes[""] = side.hasher
     buffer = bytearray(min(_CHUNK, max(entry.size, 1)))
@@ -1459,7 +1467,7 @@ def _open_directory(handle: _Dir, label: str) -> _Opened:
                 # CKPT-7's order: a (small enough) file whose bytes are not the
                 # recorded ones is reported as a checksum mismatch, not by its
                 # first symptom.
-                # (format 2's digest covers only the header: at most 8 + 100 MB)
+                # (format 2's and 3's digest covers only the header: at most 8 + 100 MB)
                 if size <= _DIGEST_ON_ERROR_LIMIT or entry.header_sha256 is not None:
                     digest = _file_digest(fd, size, entry)
                     if digest != (entry.sha256 or entry.header_sha256):
@@ -1549,8 +1557,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     set of ``*.safetensors`` files is compared with the manifest's, and every
     file — opened only if it is a regular file, without following links, and
     read only up to its declared size — has its size, SHA-256 (format 1: of
-    the file; format 2: of its header, CKPT-25), safetensors
-    header, tensor index and per-tensor SHA-256 verified. The returned
+    the file; formats 2 and 3: of its header, CKPT-25), safetensors
+    header, tensor index and per-tensor digest (SHA-256; CRC-32 in format 3,
+    CKPT-26) verified. The returned
     checkpoint holds every file's bytes (`open_checkpoint` holds none).
     Raises `CheckpointVersionError` for an unsupported format version,
     `CheckpointChecksumError` for a checksum mismatch,
@@ -1590,8 +1599,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
     files, opens each tensor file (regular, not through a link, of the
     declared size) and validates its header against the manifest's index,
     reading only the headers. With ``verify`` (the default) each file is then
-    streamed once through SHA-256 in bounded chunks and its file's (format
-    1) or header's (format 2) and its tensors' digests compared with the
+    streamed once in bounded chunks and its file's (format 1) or header's
+    (formats 2 and 3) SHA-256 and its tensors' digests compared with the
     manifest before this returns (CKPT-7, CKPT-25);
     without it they are checked when a file is read
     (`Checkpoint.read_file`, `Checkpoint.open_file`). The returned
