@@ -18,8 +18,13 @@ loaded three ways:
   ``torch.load(weights_only=True)`` + ``load_state_dict`` and ``p.grad = ...``
   (on 2 ranks rank 0 writes model and optimizer, every rank its own gradients);
 * ``dcp``: ``torch.distributed.checkpoint.save`` / ``load`` of the same state
-  dict (loads in place, so the optimizer state and gradients are allocated
-  first, as dcp requires).
+  dict. dcp loads in place, so a resume with it first allocates the optimizer
+  state and the gradients: a dcp load's ``seconds`` time ``dcp.load`` alone,
+  into targets allocated just before, and its ``resume_seconds`` the
+  allocation too (``targets_seconds``) — what ``seconds`` timed before these
+  fields existed. gradaccum's load allocates what it installs inside its own
+  time (it replaces the optimizer state and gradients, keeping the old ones
+  until everything is installed, all or nothing), so it is compared with both.
 
 Each save and each load runs in a fresh process (2 fresh processes for 2
 ranks) that first builds the live state (for a load: fresh objects, another
@@ -38,9 +43,12 @@ figures measure the software, not the disk; pass ``--dir`` for a disk).
 memory state changes the figures either way: a write that must first reclaim
 page cache ran at 0.5 GB/s instead of 2.7 GB/s (a 2-rank gradaccum save took
 4.6 s after other runs, 2.0 s after a drop), while after a drop gradaccum's
-one-process load took 4.1 s instead of 2.3 s (its hashing, copies and
-allocations all slowed; ``torch.load``'s and dcp's times did not change; the
-cause is not identified). The default leaves the cache alone.
+one-process load took 3.6 s instead of 1.8 s, nearly all of it more system
+time: 2.1 million minor page faults instead of 0.6 million for the same work
+(each 1 GB file is mapped twice, to verify and to install, and 2 GB of new
+tensors are filled; after a drop nearly every 4 KiB page faulted on its own —
+why, is not identified), while ``torch.load``'s and dcp's times barely moved.
+The default leaves the cache alone.
 Writes ``benchmarks/results/checkpoint.json`` (or ``--out``) and prints a
 Markdown table.
 """
@@ -233,8 +241,8 @@ def _run_op(
     base = before if op == "save" else after
     if op == "load":  # the loaded state is live: in-flight gradients on every parameter
         assert all(p.grad is not None for p in module.parameters())
-    # "seconds" of a dcp load leave out allocating its targets ("targets_seconds"), as
-    # before this field existed; "resume_seconds" count them too.
+    # "seconds" of a dcp load leave out allocating its targets ("targets_seconds");
+    # "resume_seconds" count them too, as "seconds" did before these fields existed.
     return {"seconds": seconds - targets, "resume_seconds": seconds,
             "targets_seconds": targets, "extra_bytes": max(0, peak - base),
             "rss_before": before, "rss_after": after, "peak": peak}  # fmt: skip
