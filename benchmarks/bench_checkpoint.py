@@ -1,19 +1,22 @@
 """Checkpoint save and load of a >= 1 GB model, mid-window, against torch.save/torch.load
 and torch.distributed.checkpoint (dcp), on one process and on 2 gloo ranks.
 
-``python benchmarks/bench_checkpoint.py [--quick] [--repeats N] [--dir DIR]``
+``python benchmarks/bench_checkpoint.py [--quick] [--repeats N] [--worlds 1,2] [--dir DIR]
+[--out FILE] [--drop-caches]``
 
 The live training state is an MLP of 16 float32 ``Linear(4096, 4096)`` layers
 (268.5 million parameters, 1.07 GB), SGD with momentum (1.07 GB of momentum
 buffers) and a window in flight (1.07 GB of gradients): `Accumulator` with
 ``steps=2`` after 3 microbatches (one optimizer step taken, one microbatch
-accumulated). ``--quick``: 4 layers of 512 (1 MB), one repeat.
+accumulated). ``--quick``: 4 layers of 512 (1.05 million parameters, 4.2 MB),
+one repeat.
 
 The same tensors — model, optimizer state, in-flight gradients — are saved and
 loaded three ways:
 
-* ``gradaccum``: ``acc.save(path)`` / ``acc.load(path)`` (verified: every file
-  hashed; all or nothing);
+* ``gradaccum``: ``acc.save(path)`` / ``acc.load(path)`` (every byte checked:
+  headers by SHA-256, tensor data by CRC-32, on 2 ranks the shared files split
+  between the ranks; all or nothing);
 * ``torch``: ``torch.save({"model", "optimizer", "grads"})`` + ``os.fsync`` /
   ``torch.load(weights_only=True)`` + ``load_state_dict`` and ``p.grad = ...``
   (on 2 ranks rank 0 writes model and optimizer, every rank its own gradients);
@@ -41,14 +44,14 @@ figures measure the software, not the disk; pass ``--dir`` for a disk).
 (``/proc/sys/vm/drop_caches`` must be writable, e.g. as root; recorded as
 ``drop_caches`` in the results). On the 2-core VM the figures were taken on,
 memory state changes the figures either way: a write that must first reclaim
-page cache ran at 0.5 GB/s instead of 2.7 GB/s (a 2-rank gradaccum save took
-4.6 s after other runs, 2.0 s after a drop), while after a drop gradaccum's
-one-process load took 3.6 s instead of 1.8 s, nearly all of it more system
-time: 2.1 million minor page faults instead of 0.6 million for the same work
-(each 1 GB file is mapped twice, to verify and to install, and 2 GB of new
-tensors are filled; after a drop nearly every 4 KiB page faulted on its own —
-why, is not identified), while ``torch.load``'s and dcp's times barely moved.
-The default leaves the cache alone.
+page cache ran at 0.5 GB/s instead of 2.7 GB/s, while after a drop gradaccum's
+one-process load took 3.7 s instead of 1.8 s (the reference JSON files), nearly
+all of it more system time: 2.1 million minor page faults instead of 0.6
+million for the same work (each 1 GB file is mapped twice, to verify and to
+install, and 2 GB of new tensors are filled; after a drop each 4 KiB page of a
+mapped tmpfs file faulted on its own — measured; why the kernel stops mapping
+the pages around a fault is not identified), while ``torch.load``'s and
+``dcp.load``'s times barely moved. The default leaves the cache alone.
 Writes ``benchmarks/results/checkpoint.json`` (or ``--out``) and prints a
 Markdown table.
 """
@@ -319,7 +322,7 @@ def _ratio_summary(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 1 MB model, one repeat")
+    parser.add_argument("--quick", action="store_true", help="a 4.2 MB model, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worlds", default="1,2", help="comma-separated world sizes")
     parser.add_argument("--dir", default=None, help="where checkpoints go (default /dev/shm)")

@@ -294,6 +294,7 @@ def formats_program(rank: int, world_size: int, out_dir: str) -> None:
     acc.save(out / "v3")
     acc.save(out / "v2", format_version=2)
     save_distributed(acc, out / "v2-gather", shared=False, format_version=2)
+    acc.save(out / "v1", format_version=1)
     for name, versions in (("mixed", (3, 2)), ("invalid", (3, 7))):
         try:
             acc.save(out / name, format_version=versions[rank])
@@ -312,7 +313,7 @@ def formats_program(rank: int, world_size: int, out_dir: str) -> None:
             scheduler=False,
             format_version=version,
         )
-    for name in ("v3", "v2", "v2-gather"):
+    for name in ("v3", "v2", "v2-gather", "v1"):
         ddp2, acc2 = _build(4)
         acc2.load(out / name)
         _train(ddp2, acc2, 2, seed=3)

@@ -104,13 +104,12 @@ def test_replicated_files_are_spread_by_size(
 
 
 def test_ranks_reading_the_same_files_split_their_verification(tmp_path: Path) -> None:
-    """CKPT-7, CKPT-24, CKPT-25 on 2 ranks: ranks that open the very same
-    replicated files (one machine, same inodes) each hash a disjoint part of
-    the model and optimizer files — together every tensor, each once — and
-    their own gradient and item files whole; ranks reading different copies
-    hash everything. A byte flipped in a tensor only rank 1 hashes is still
-    refused on both ranks (rank 1 finds it, rank 0 hears it) with nothing
-    changed on either."""
+    """CKPT-7, CKPT-24, CKPT-25, CKPT-26 on 2 ranks (format 3, the default): ranks that open
+    the very same replicated files (one machine, same inodes) each hash a disjoint part of
+    the model and optimizer files — together every tensor, each once — and their own
+    gradient and item files whole; ranks reading different copies hash everything. A byte
+    flipped in a tensor only rank 1 hashes is still refused on both ranks (rank 1 finds it,
+    rank 0 hears it) with nothing changed on either."""
     result = launch(W.shared_verify_program, 2, str(tmp_path), timeout=240)
     assert result.ok, f"the ranks failed: {result}"
     rank0, rank1 = _results(tmp_path, "shared")
@@ -163,8 +162,8 @@ def test_ranks_that_opened_different_checkpoints_apply_nothing(tmp_path: Path) -
 
 def test_ranks_save_in_the_format_version_asked_and_agree_on_it(tmp_path: Path) -> None:
     """CKPT-25, CKPT-26: on 2 ranks ``save(format_version=2)`` writes format 2
-    (each rank its own files, or every file through rank 0) and the default
-    writes format 3; all three hold the same tensors and resume to the same
+    (each rank its own files, or every file through rank 0), ``format_version=1``
+    format 1, and the default format 3; all four hold the same tensors and resume to the same
     parameters. Ranks passing different format versions, or one passing a
     version this release does not write, raise on every rank (a
     GradAccumError) and write nothing; the open window is untouched. A
@@ -172,11 +171,13 @@ def test_ranks_save_in_the_format_version_asked_and_agree_on_it(tmp_path: Path) 
     optimizer) is still written in the format version asked."""
     result = launch(W.formats_program, 2, str(tmp_path), timeout=240)
     assert result.ok, f"the ranks failed: {result}"
-    ckpts = {name: read_checkpoint(tmp_path / name) for name in ("v3", "v2", "v2-gather")}
+    names = ("v3", "v2", "v2-gather", "v1")
+    ckpts = {name: read_checkpoint(tmp_path / name) for name in names}
     assert {n: c.manifest.format_version for n, c in ckpts.items()} == {
         "v3": 3,
         "v2": 2,
         "v2-gather": 2,
+        "v1": 1,
     }
     for name, ckpt in ckpts.items():
         algorithm = "crc32" if name == "v3" else "sha256"
@@ -200,7 +201,7 @@ def test_ranks_save_in_the_format_version_asked_and_agree_on_it(tmp_path: Path) 
         assert r["mixed"] is not None and r["mixed_gradaccum"] is True
         assert r["invalid"] is not None and r["invalid_gradaccum"] is True
         assert r["mixed_position"] == r["invalid_position"] == 1
-        assert r["v2"] == r["v3"] == r["v2-gather"]
+        assert r["v2"] == r["v3"] == r["v2-gather"] == r["v1"]
     assert rank0["v3"] == rank1["v3"]
     assert rank1["invalid"]["type"] == "UsageError"
     assert "format_version=7" in rank1["invalid"]["message"]

@@ -239,7 +239,8 @@ def test_scaler_state_round_trips(tmp_path: Path) -> None:
 
 
 def test_verification_shares_cover_every_tensor_once(tmp_path: Path) -> None:
-    """CKPT-25: verification_share splits a file's tensors among n processes,
+    """CKPT-25, CKPT-26: verification_share splits a file's tensors (of a
+    format-3 checkpoint, the default) among n processes,
     disjoint, covering every tensor, balanced by bytes (largest first, to the
     process with the fewest bytes so far); prepare_load refuses a share that
     is not (index, count) with 0 <= index < count, before anything changes."""
