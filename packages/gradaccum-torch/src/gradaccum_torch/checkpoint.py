@@ -38,7 +38,6 @@ from gradaccum.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     Producer,
-    check_format_version,
     open_checkpoint,
     write_checkpoint,
 )
@@ -165,8 +164,8 @@ def save_checkpoint(
 ) -> None:
     """Write ``acc``'s checkpoint atomically (see `Accumulator.save`),
     streaming each tensor from its live memory into its file (hashes computed
-    while writing; no file is built in memory first), in ``format_version``."""
-    check_format_version(format_version, "Accumulator.save")
+    while writing; no file is built in memory first), in ``format_version``
+    (`write_checkpoint` refuses one it does not write before writing)."""
     files, metadata = collect(
         acc, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stream=True
     )
