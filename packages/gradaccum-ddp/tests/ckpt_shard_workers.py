@@ -171,7 +171,8 @@ def shared_verify_program(rank: int, world_size: int, out_dir: str) -> None:
     ranks): ``same`` — both ranks load one directory (same inodes on one
     machine); ``copies`` — each rank its own copy; ``spoilt`` — one directory
     whose model file has a byte flipped inside a tensor only rank 1 hashes.
-    Record the ``only`` set passed to each ``open_file``, what each load
+    Record the tensors whose digests each rank checks (``verify_file`` and
+    ``read_into``, the real ones, spied on), what each load
     raised, and whether the live objects stayed bitwise the same."""
     from gradaccum.checkpoint import Checkpoint, read_checkpoint
     from gradaccum_torch.checkpoint import verification_share
@@ -190,17 +191,25 @@ def shared_verify_program(rank: int, world_size: int, out_dir: str) -> None:
         spoilt.write_bytes(bytes(data))
     dist.barrier()
 
-    real_open_file = Checkpoint.open_file
-    seen: list[list[Any]] = []
+    real_verify_file = Checkpoint.verify_file
+    real_read_into = Checkpoint.read_into
+    seen: dict[str, set[str]] = {}
 
-    def recording_open_file(self: Checkpoint, role: str, **kwargs: Any) -> Any:
-        """The real open_file, recording what it was asked to verify."""
+    def recording_verify_file(self: Checkpoint, role: str, **kwargs: Any) -> Any:
+        """The real verify_file, recording the tensors it was asked to hash."""
         only = kwargs.get("only")
-        if kwargs.get("verify", True):
-            seen.append([role, None if only is None else sorted(only)])
-        return real_open_file(self, role, **kwargs)
+        names = self.manifest.files[role].tensors if only is None else only
+        seen.setdefault(role, set()).update(names)
+        return real_verify_file(self, role, **kwargs)
 
-    Checkpoint.open_file = recording_open_file  # type: ignore[method-assign]
+    def recording_read_into(self: Checkpoint, role: str, name: str, out: Any, **kwargs: Any) -> Any:
+        """The real read_into, recording the tensors it was asked to hash."""
+        if kwargs.get("verify", True):
+            seen.setdefault(role, set()).add(name)
+        return real_read_into(self, role, name, out, **kwargs)
+
+    Checkpoint.verify_file = recording_verify_file  # type: ignore[method-assign]
+    Checkpoint.read_into = recording_read_into  # type: ignore[method-assign]
     result: dict[str, Any] = {}
     for case, where in (("same", "mid"), ("copies", f"copy{rank}"), ("spoilt", "spoilt")):
         ddp2, acc2 = _build(5)
@@ -213,12 +222,13 @@ def shared_verify_program(rank: int, world_size: int, out_dir: str) -> None:
         except Exception as exc:
             raised = error_info(exc)
         result[case] = {
-            "verified": list(seen),
+            "verified": {role: sorted(names) for role, names in seen.items()},
             "raised": raised,
             "unchanged": _same(before, _snapshot(ddp2, acc2)),
             "position": acc2.stats.position,
         }
-    Checkpoint.open_file = real_open_file  # type: ignore[method-assign]
+    Checkpoint.verify_file = real_verify_file  # type: ignore[method-assign]
+    Checkpoint.read_into = real_read_into  # type: ignore[method-assign]
     with read_checkpoint(out / "mid") as ck:
         result["tensors"] = {role: sorted(ck.manifest.files[role].tensors) for role in ck.roles}
     write_json(out / f"shared.rank{rank}.json", result)

@@ -115,16 +115,17 @@ def test_ranks_reading_the_same_files_split_their_verification(tmp_path: Path) -
     rank0, rank1 = _results(tmp_path, "shared")
     tensors = rank0["tensors"]
     for r, res in enumerate((rank0, rank1)):
-        same = dict(res["same"]["verified"])
-        assert same[f"gradients.rank{r}"] is None and same[f"items.rank{r}"] is None
+        same = res["same"]["verified"]
+        for own in (f"gradients.rank{r}", f"items.rank{r}"):
+            assert same[own] == tensors[own], own
         assert res["same"]["raised"] is None and res["same"]["position"] == 1
-        copies = dict(res["copies"]["verified"])
+        copies = res["copies"]["verified"]
         assert set(copies) == {"model", "optimizer", f"gradients.rank{r}", f"items.rank{r}"}
-        assert all(only is None for only in copies.values())
+        assert all(names == tensors[role] for role, names in copies.items())
         assert res["copies"]["raised"] is None
     for role in ("model", "optimizer"):
-        part0 = dict(rank0["same"]["verified"])[role]
-        part1 = dict(rank1["same"]["verified"])[role]
+        part0 = rank0["same"]["verified"][role]
+        part1 = rank1["same"]["verified"][role]
         assert part0 and part1, role
         assert not set(part0) & set(part1), role
         assert sorted(set(part0) | set(part1)) == tensors[role], role

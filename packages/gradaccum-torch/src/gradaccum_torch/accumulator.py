@@ -704,12 +704,17 @@ class Accumulator:
         saved_config: AccumulationConfig,
         gradients: Mapping[str, torch.Tensor],
         items: torch.Tensor | None,
+        *,
+        owned: bool = False,
     ) -> None:
         """Install a checkpoint's accumulation state, in-flight gradients and
         device item count, after checking them against this accumulator:
         a mid-window state needs the same normalization, gradient names and
         shapes must match. Raises `CheckpointMismatchError` (nothing changed).
-        Checkpoint loaders call it last, once everything else is verified."""
+        The gradients are copied unless ``owned`` (tensors the caller gives
+        away — no one else holds them): then those already on the right device
+        with the right dtype are installed as they are. Checkpoint loaders call
+        it last, once everything else is verified."""
         self._check_idle("restore a state")
         if state.position > 0 and saved_config.normalization != self.config.normalization:
             raise CheckpointMismatchError(
@@ -720,7 +725,7 @@ class Accumulator:
         self._store.check(gradients)
         self.config.schedule.check_state(state.schedule_state)
         self._machine.load_state_dict(state.state_dict())
-        self._store.load(gradients)
+        self._store.load(gradients, owned=owned)
         self._items.load(None if items is None else items.to(self._device()))
 
     def save(

@@ -9,9 +9,12 @@ It uses only the accumulator's public API (``model``, ``optimizer``,
 saves and loads through it.
 
 Scale: a save streams every tensor from its live memory into its file
-(`TensorSource`), hashing while writing; a load maps one file at a time
-read-only, verifies it, checks it, and copies it into the live tensors, so
-neither holds a second copy of more than one file.
+(`TensorSource`), hashing while writing; a load reads the optimizer state
+and the in-flight gradients with ``pread`` straight into the new tensors
+they become, checking each tensor's digest as its bytes arrive
+(`read_tensors`), and streams the model's file through its digests before
+copying it into the live parameters from a read-only mapping, so neither
+holds a second copy of any file.
 
 A load is all or nothing (ACC-E2, CKPT-17): `prepare_load` verifies and
 checks everything it will restore against the live objects — names, shapes,
@@ -25,11 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,7 +45,6 @@ from gradaccum.checkpoint import (
 )
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import (
-    CheckpointChecksumError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
@@ -56,6 +57,7 @@ from gradaccum_torch.tensor_io import (
     SCALER_RANGES,
     SCHEDULER_INTS,
     SCHEDULER_RANGES,
+    TORCH_DTYPES,
     check_like,
     check_ranges,
     from_json,
@@ -185,14 +187,16 @@ class LoadPlan:
     """A checkpoint opened, verified and checked against the live objects of
     an accumulator, nothing applied yet (`prepare_load`).
 
-    It holds the open checkpoint (one descriptor per file, no bytes) and the
-    small decoded values (accumulation state, hyper-parameters, scheduler and
-    scaler state, item count). `apply` installs it, all or nothing, reading
-    one tensor file at a time through a read-only memory map and copying it
-    into the live tensors; `undo` puts back what `apply_reversible`
-    replaced (the distributed loader applies the reversible parts on every
-    rank, agrees, and only then copies the model). `close` releases the
-    files (`apply` does it when done)."""
+    It holds the open checkpoint (one descriptor per file), the verified
+    optimizer state and in-flight gradients already read into new tensors,
+    and the small decoded values (accumulation state, hyper-parameters,
+    scheduler and scaler state, item count). `apply` installs it, all or
+    nothing: those tensors as they are (no copy), then the model's tensors
+    copied in place from a read-only mapping of its file; `undo` puts back
+    what `apply_reversible` replaced (the distributed loader applies the
+    reversible parts on every rank, agrees, and only then copies the model).
+    `close` releases the files and the tensors read (`apply` does it when
+    done)."""
 
     def __init__(
         self,
@@ -201,10 +205,10 @@ class LoadPlan:
         *,
         state: AccumulationState,
         saved_config: AccumulationConfig,
-        grad_role: str | None,
+        gradients: dict[str, torch.Tensor] | None,
         items: torch.Tensor | None,
         has_model: bool,
-        optim_meta: Any,
+        optim_state: dict[str, Any] | None,
         sched_state: dict[str, Any] | None,
         scaler_state: dict[str, Any] | None,
         where: str,
@@ -213,17 +217,18 @@ class LoadPlan:
         self.ckpt = ckpt
         self.state = state
         self.saved_config = saved_config
-        self.grad_role = grad_role
+        self.gradients = gradients
         self.items = items
         self.has_model = has_model
-        self.optim_meta = optim_meta
+        self.optim_state = optim_state
         self.sched_state = sched_state
         self.scaler_state = scaler_state
         self.where = where
         self._undo: list[Callable[[], None]] = []
 
     def close(self) -> None:
-        """Release the checkpoint's files."""
+        """Release the checkpoint's files and the tensors read but not installed."""
+        self.gradients = self.optim_state = None
         self.ckpt.close()
 
     def apply(self) -> None:
@@ -246,12 +251,11 @@ class LoadPlan:
         acc = self.acc
         self._undo = []
         try:
-            if self.optim_meta is not None:
+            optim_state, self.optim_state = self.optim_state, None
+            if optim_state is not None:
                 before_optim = acc.optimizer.state_dict()
                 self._undo.append(lambda: acc.optimizer.load_state_dict(before_optim))
-                with self._views("optimizer") as views:
-                    optim_state = _owned(_optimizer_plan(acc, views, self.optim_meta))
-                    del views
+                # the tensors were read into new memory by prepare_load: installed, not copied
                 acc.optimizer.load_state_dict(optim_state)
                 del optim_state
             scheduler = acc.scheduler
@@ -279,13 +283,10 @@ class LoadPlan:
                     before_items,
                 )
             )
-            if self.grad_role is None:
-                acc.restore(self.state, self.saved_config, {}, self.items)
-            else:
-                with self._views(self.grad_role) as gradients:
-                    # restore() installs copies of the read-only views
-                    acc.restore(self.state, self.saved_config, gradients, self.items)
-                    del gradients
+            gradients, self.gradients = self.gradients or {}, None
+            # new tensors read by prepare_load: restore() installs them without a copy
+            acc.restore(self.state, self.saved_config, gradients, self.items, owned=True)
+            del gradients
         except Exception as exc:
             self.undo()
             if isinstance(exc, GradAccumError):
@@ -399,13 +400,17 @@ def prepare_load(
     ``acc``'s live objects, without changing anything.
 
     Each file this rank reads (model, optimizer, its own in-flight gradients
-    and item count) is hashed against the manifest (CKPT-7) through a
-    read-only memory map, one file at a time, and its names, shapes, dtypes,
-    value kinds and ranges checked — with the accumulation state, config,
-    scheduler and scaler state — then unmapped: memory holds at most one
-    file's pages. Any problem raises a `GradAccumError` (a `CheckpointError`
-    for anything the checkpoint holds); the returned plan holds the open
-    files until it is applied or closed.
+    and item count) is verified against the manifest (CKPT-7, CKPT-25,
+    CKPT-26), one file at a time, and its names, shapes, dtypes, value kinds
+    and ranges checked — with the accumulation state, config, scheduler and
+    scaler state. The optimizer state, gradients and item count are read
+    with ``pread`` into the new tensors the plan will install (each tensor's
+    digest checked as it is read: `read_tensors`); the model's file is
+    streamed through its digests (`Checkpoint.verify_file`, two 8 MiB
+    buffers) and copied into the parameters only by `LoadPlan.apply_model`.
+    Any problem raises a `GradAccumError` (a `CheckpointError` for anything
+    the checkpoint holds) and frees what was read; the returned plan holds
+    the open files and the new tensors until it is applied or closed.
 
     ``path`` may be a checkpoint `open_for_load` opened. ``share=(i, n)``
     — only for processes that read the very same files (same machine, same
@@ -472,33 +477,31 @@ def _prepare(
     metadata = ckpt.metadata
     if not isinstance(metadata, Mapping):
         raise CheckpointCorruptError(f"{where}: its metadata is not an object; {_FIX}")
-    role = gradient_role(rank, ckpt.world_size)
-    grad_role = role if role in ckpt.roles else None
-    if grad_role is not None:
-        with _verified_views(ckpt, grad_role) as gradients:
-            _check_gradients(acc, gradients, where)
-            del gradients
+    grad_role = gradient_role(rank, ckpt.world_size)
+    gradients = None
+    if grad_role in ckpt.roles:
+        gradients = read_tensors(ckpt, grad_role)
+        _check_gradients(acc, gradients, where)
     items_file = items_role(rank, ckpt.world_size)
     items = None
     if items_file in ckpt.roles:
-        with _verified_views(ckpt, items_file) as counts:
-            items = _items_tensor(counts, items_file).clone()
-            del counts
+        items = _items_tensor(read_tensors(ckpt, items_file), items_file)
     has_model = "model" in ckpt.roles
     if has_model:
-        with _verified_views(ckpt, "model", share) as stored:
+        ckpt.verify_file("model", only=_share_of(ckpt, "model", share))
+        with ckpt.open_file("model", verify=False) as tf:
+            stored = tensor_views(tf)  # names, shapes and dtypes only: no byte is touched
             _model_plan(acc, stored, metadata)
             del stored
-    optim_meta = None
+    optim_state = None
     if "optimizer" in ckpt.roles:
         if "optimizer" not in metadata:
             raise CheckpointCorruptError(
                 f"{where}: it has an optimizer file but no optimizer metadata; {_FIX}"
             )
-        optim_meta = metadata["optimizer"]
-        with _verified_views(ckpt, "optimizer", share) as views:
-            _optimizer_plan(acc, views, optim_meta)
-            del views
+        optim_tensors = read_tensors(ckpt, "optimizer", _share_of(ckpt, "optimizer", share))
+        optim_state = _optimizer_plan(acc, optim_tensors, metadata["optimizer"])
+        del optim_tensors
     sched_state = None
     if "scheduler" in metadata and acc.scheduler is not None:
         sched_state = _check_scheduler_meta(acc.scheduler, metadata["scheduler"], where)
@@ -510,40 +513,42 @@ def _prepare(
         ckpt,
         state=state,
         saved_config=saved_config,
-        grad_role=grad_role,
+        gradients=gradients,
         items=items,
         has_model=has_model,
-        optim_meta=optim_meta,
+        optim_state=optim_state,
         sched_state=sched_state,
         scaler_state=scaler_state,
         where=where,
     )
 
 
-@contextlib.contextmanager
-def _verified_views(
-    ckpt: Checkpoint, role: str, share: tuple[int, int] | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """``role``'s tensors as read-only views of its mapped file, every byte
-    verified against the manifest first, in one pass (CKPT-7, CKPT-25, CKPT-26):
-    formats 2 and 3 hash the header and check the tensors (on two threads), format 1 the whole
-    file (the header was checked against the manifest's tensor index when the
-    file was opened; the per-tensor digests cover a subset of the same bytes)."""
+def _share_of(ckpt: Checkpoint, role: str, share: tuple[int, int] | None) -> frozenset[str] | None:
+    """The tensors of a replicated ``role`` this process verifies (all: ``None``)."""
+    return verification_share(ckpt, role, share) if share is not None else None
+
+
+def read_tensors(
+    ckpt: Checkpoint, role: str, verify: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """``role``'s tensors read straight from the file into new CPU tensors
+    (`Checkpoint.read_into`: ``pread``, no mapping, no second copy), the
+    header verified first and each tensor's digest while it is read (CKPT-7,
+    CKPT-25, CKPT-26) — of a format-2 or -3 file only the tensors named in
+    ``verify`` when given (the rest read unchecked: another process verifies
+    them, see `prepare_load`'s ``share``); a format-1 file is verified whole
+    first. Raises `CheckpointError` (nothing else is changed); the tensors
+    are the caller's to keep."""
     entry = ckpt.manifest.files[role]
-    if entry.header_sha256 is not None:
-        only = verification_share(ckpt, role, share) if share is not None else None
-        with ckpt.open_file(role, verify=True, only=only) as tf:
-            yield tensor_views(tf)
-        return
-    with ckpt.open_file(role, verify=False) as tf:
-        digest = hashlib.sha256(tf.buffer).hexdigest()
-        if digest != entry.sha256:
-            raise CheckpointChecksumError(
-                f"checkpoint at '{ckpt.path}': file {entry.path!r} has SHA-256 {digest[:16]}… "
-                f"but the manifest records {(entry.sha256 or '')[:16]}…; the file is corrupt — "
-                "restore it from a copy or take a new checkpoint"
-            )
-        yield tensor_views(tf)
+    header = ckpt.verify_header(role)
+    whole = entry.header_sha256 is None  # format 1: verify_header checked every byte
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.tensors.items():
+        tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+        check = not whole and (verify is None or name in verify)
+        ckpt.read_into(role, name, tensor.view(-1).view(torch.uint8).numpy(), verify=check)
+        out[name] = tensor
+    return out
 
 
 def _check_gradients(acc: Accumulator, gradients: Mapping[str, torch.Tensor], where: str) -> None:
@@ -564,17 +569,6 @@ def _model_plan(
         raise CheckpointCorruptError(f"the checkpoint's model metadata is not an object; {_FIX}")
     aliases = model_meta.get("aliases") or {}
     return _check_model(acc.model, _with_aliases(stored, aliases), acc.framework.name_prefix)
-
-
-def _owned(optim_state: dict[str, Any]) -> dict[str, Any]:
-    """``optim_state`` with every tensor cloned out of the read-only file
-    mapping (no reference to the mapping survives, so it is unmapped as soon
-    as its views are dropped)."""
-    for per_param in optim_state["state"].values():
-        for key in list(per_param):
-            if isinstance(per_param[key], torch.Tensor):
-                per_param[key] = per_param[key].clone()
-    return optim_state
 
 
 def _optimizer_plan(

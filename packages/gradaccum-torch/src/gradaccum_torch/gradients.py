@@ -144,15 +144,17 @@ class GradientStore(abc.ABC):
                     f"the parameter has shape {tuple(by_name[name].shape)}"
                 )
 
-    def load(self, gradients: Mapping[str, torch.Tensor]) -> None:
+    def load(self, gradients: Mapping[str, torch.Tensor], *, owned: bool = False) -> None:
         """Replace the window gradient with ``gradients``: `check` first (raises
-        `CheckpointMismatchError`, nothing changed), then `_install`."""
+        `CheckpointMismatchError`, nothing changed), then `_install`. The store
+        keeps copies, or — ``owned``: tensors nobody else holds — the tensors
+        themselves wherever their device and dtype are already the right ones."""
         self.check(gradients)
-        self._install(gradients)
+        self._install(gradients, owned)
 
     @abc.abstractmethod
-    def _install(self, gradients: Mapping[str, torch.Tensor]) -> None:
-        """Replace the window gradient with checked ``gradients``."""
+    def _install(self, gradients: Mapping[str, torch.Tensor], owned: bool) -> None:
+        """Replace the window gradient with checked ``gradients`` (``owned``: see `load`)."""
 
     def held(self) -> list[torch.Tensor]:
         """Tensors this store holds besides ``param.grad`` (memory probes, ACC-P4)."""
@@ -219,12 +221,12 @@ class InPlaceGradients(GradientStore):
             n: p.grad for n, p in zip(self.names, self.params, strict=True) if p.grad is not None
         }
 
-    def _install(self, gradients: Mapping[str, torch.Tensor]) -> None:
+    def _install(self, gradients: Mapping[str, torch.Tensor], owned: bool) -> None:
         self.zero()
         by_name = self.by_name
         for name, tensor in gradients.items():
             param = by_name[name]
-            param.grad = tensor.to(device=param.device, dtype=param.dtype, copy=True)
+            param.grad = tensor.to(device=param.device, dtype=param.dtype, copy=not owned)
 
 
 class BufferedGradients(GradientStore):
@@ -299,13 +301,15 @@ class BufferedGradients(GradientStore):
             if id(p) in self._buffers
         }
 
-    def _install(self, gradients: Mapping[str, torch.Tensor]) -> None:
+    def _install(self, gradients: Mapping[str, torch.Tensor], owned: bool) -> None:
         self.zero()
         by_name = self.by_name
         for name, tensor in gradients.items():
             param = by_name[name]
             self._buffers[id(param)] = tensor.to(
-                device=self._device or param.device, dtype=self._dtype(param.dtype), copy=True
+                device=self._device or param.device,
+                dtype=self._dtype(param.dtype),
+                copy=not owned,
             )
 
     def adopt(

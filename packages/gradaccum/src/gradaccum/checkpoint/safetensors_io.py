@@ -372,6 +372,23 @@ def read_header_fd(fd: int, size: int, label: str) -> SafetensorsHeader:
     return _validate_header(obj, header_size, size - 8 - header_size, label)
 
 
+def parse_header_prefix(
+    head: bytes | bytearray | memoryview, file_size: int, label: str
+) -> SafetensorsHeader:
+    """The validated header of a safetensors file of ``file_size`` bytes, from
+    its leading bytes ``head`` (the 8-byte length and at least the header);
+    raises `CheckpointCorruptError` as `read_header_fd` does."""
+    data = memoryview(head)
+    if len(data) < 8:
+        raise _corrupt(label, f"{len(data)} bytes, shorter than the 8-byte header length")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    _check_length(header_size, file_size, label)
+    if len(data) < 8 + header_size:
+        raise _corrupt(label, f"the file ended after {len(data)} of {file_size} bytes (truncated)")
+    obj = _parse_header(bytes(data[8 : 8 + header_size]), label)
+    return _validate_header(obj, header_size, file_size - 8 - header_size, label)
+
+
 def encode_safetensors(
     tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None = None
 ) -> bytes:

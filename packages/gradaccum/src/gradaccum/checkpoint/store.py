@@ -63,6 +63,7 @@ from gradaccum.checkpoint.safetensors_io import (
     decode_safetensors,
     encode_header,
     file_kind,
+    parse_header_prefix,
     pread_exact,
     read_header_fd,
     read_safetensors_header,
@@ -97,6 +98,7 @@ _CHUNK = 8 * 1024 * 1024
 _MAX_SIDECAR_BYTES = 4096
 _DIGEST_ON_ERROR_LIMIT = 256 * 1024 * 1024
 _PARALLEL_HASH_BYTES = 16 * 1024 * 1024  # files at least this large hash on helper threads
+_PIPELINE_BYTES = 1024 * 1024  # chunks at least this large hash while the next is read
 # A streamed write hashes on helper threads while the tensors are written: at
 # most this many tensors may be written ahead of their digests, and no more
 # than _LOOKAHEAD_BYTES of them beyond one (a callable TensorSource's host
@@ -472,11 +474,13 @@ class TensorFile:
                 mapping.close()
 
 
-def _close_fds(fds: dict[str, int]) -> None:
+def _close_fds(fds: dict[str, int], spans: _Spans | None = None) -> None:
     for fd in fds.values():
         with contextlib.suppress(OSError):
             os.close(fd)
     fds.clear()
+    if spans is not None:
+        spans.close()
 
 
 class Checkpoint:
@@ -512,7 +516,10 @@ class Checkpoint:
         self._fds: dict[str, int] = fds if fds is not None else {}
         self._verified = verified
         self._lazy = fds is not None
-        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        # roles whose header is known to be the recorded one (verify_header)
+        self._checked: set[str] = set(manifest.files) if verified else set()
+        self._spans = _Spans(f"checkpoint at '{path}'")
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds, self._spans)
 
     def __repr__(self) -> str:
         return f"Checkpoint(path={str(self.path)!r}, roles={list(self.roles)!r})"
@@ -645,13 +652,7 @@ class Checkpoint:
         `UsageError`. A format-1 file is always verified whole (its one
         digest covers every byte)."""
         entry = self._entry(role)
-        if only is not None:
-            unknown = sorted(set(only) - set(entry.tensors))
-            if isinstance(only, (str, bytes)) or unknown:
-                raise UsageError(
-                    f"open_file({role!r}, only=...): {unknown[:3] or only!r:.100} are not tensors "
-                    f"of {entry.path!r}; pass a collection of its tensor names"
-                )
+        _check_only(only, entry, f"open_file({role!r}, only=...)")
         label = self.label
         if not self._lazy:
             data = self._data[role]
@@ -682,6 +683,128 @@ class Checkpoint:
             raise
         view.release()
         return TensorFile(role, header, mapping)
+
+    def verify_header(self, role: str) -> SafetensorsHeader:
+        """Check ``role``'s header against the manifest and return it.
+
+        Formats 2 and 3 read just the header's bytes, compare their SHA-256
+        with the manifest (CKPT-25) and parse the header from the very bytes
+        hashed; format 1, whose one digest covers the whole file, streams every
+        byte through it and through its tensors' digests (CKPT-7). Done once
+        per file (a checkpoint opened with ``verify`` has done it). After it,
+        `read_into` with ``verify`` checks each tensor it reads, so reading
+        every tensor that way verifies the file. Raises
+        `CheckpointChecksumError` or `CheckpointCorruptError`."""
+        entry = self._entry(role)
+        if role in self._checked:
+            return self.header(role)
+        if entry.header_sha256 is None:
+            self.verify_file(role)
+            return self.header(role)
+        label = self.label
+        start = self.header(role).data_start
+        if self._lazy:
+            try:
+                head = pread_exact(self._fd(role), start, 0)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{label}: cannot read file {entry.path!r} ({exc.strerror or exc}); check "
+                    "the file system"
+                ) from exc
+        else:
+            head = self._data[role][:start]
+        digest = _hex(head)
+        if digest != entry.header_sha256:
+            raise _file_mismatch(label, entry, digest)
+        header = parse_header_prefix(head, entry.size, f"{label}: file {entry.path!r}")
+        _check_index(header, entry, label)
+        self._headers[role] = header
+        self._checked.add(role)
+        return header
+
+    def verify_file(self, role: str, *, only: Collection[str] | None = None) -> None:
+        """Verify ``role``'s file against the manifest without keeping its
+        bytes: the header (`verify_header`) and every tensor's digest, reading
+        with ``pread`` through two 8 MiB buffers while a helper thread hashes
+        (CKPT-7, CKPT-25, CKPT-26). ``only`` limits a format-2 or -3 file's
+        tensors to those named, as in `open_file` (the others are not read); a
+        format-1 file is always verified whole. Raises what `verify_header`
+        raises, `CheckpointChecksumError` naming the first tensor that differs,
+        `UsageError` for names the file does not hold."""
+        entry = self._entry(role)
+        _check_only(only, entry, f"verify_file({role!r}, only=...)")
+        label = self.label
+        source: int | bytes = self._fd(role) if self._lazy else self._data[role]
+        if entry.header_sha256 is None:
+            if isinstance(source, int):
+                _verify_fd(source, self.header(role), entry, label)
+            else:
+                _verify_blob(source, entry, label)
+            self._checked.add(role)
+            return
+        header = self.verify_header(role)
+        new_hasher = _TENSOR_HASHER[entry.tensor_digest]
+        for name, info in header.tensors.items():
+            if only is not None and name not in only:
+                continue
+            hasher = new_hasher()
+            self._spans.read(
+                source, entry.path, header.data_start + info.begin, None, info.nbytes, hasher
+            )
+            digest = hasher.hexdigest()
+            if digest != entry.tensors[name].digest:
+                raise _tensor_mismatch(label, entry, name, digest)
+
+    def read_into(self, role: str, name: str, out: Any, *, verify: bool = True) -> None:
+        """Read tensor ``name`` of ``role`` into ``out``: any writable,
+        C-contiguous buffer of exactly its byte size (a ``bytearray``, a NumPy
+        array, a CPU tensor's bytes), with ``pread`` — no mapping and no
+        intermediate copy, so a loader fills the tensors it will keep directly.
+
+        With ``verify`` (the default) the header is checked first
+        (`verify_header`, once per file) and the tensor's digest (CRC-32 or
+        SHA-256, by format) is computed while its bytes arrive, on a helper
+        thread, and compared with the manifest (CKPT-7, CKPT-26). On a mismatch
+        `CheckpointChecksumError` is raised and ``out`` holds the unverified
+        bytes: read into memory nothing else uses yet. Raises
+        `CheckpointMismatchError` for a name the file does not hold and
+        `UsageError` for an ``out`` that is not a writable, contiguous buffer
+        of the tensor's size."""
+        entry = self._entry(role)
+        if not isinstance(verify, bool):
+            raise UsageError(f"verify={verify!r} must be True or False")
+        header = self.verify_header(role) if verify else self.header(role)
+        info = header.tensors.get(name)
+        if info is None:
+            raise CheckpointMismatchError(
+                f"{self.label}: file {entry.path!r} has no tensor {name!r}; it holds "
+                f"{sorted(header.tensors)[:10]!r}"
+            )
+        try:
+            view = memoryview(out)
+        except TypeError:
+            raise UsageError(
+                f"read_into({role!r}, {name!r}, out): out is a {type(out).__name__}, not a "
+                "buffer; pass a bytearray, a NumPy array or a tensor's bytes"
+            ) from None
+        with view:
+            if view.readonly or not view.c_contiguous or view.nbytes != info.nbytes:
+                raise UsageError(
+                    f"read_into({role!r}, {name!r}, out): out must be a writable, contiguous "
+                    f"buffer of {info.nbytes} bytes; it is "
+                    f"{'read-only, ' if view.readonly else ''}"
+                    f"{'' if view.c_contiguous else 'not contiguous, '}{view.nbytes} bytes"
+                )
+            source: int | bytes = self._fd(role) if self._lazy else self._data[role]
+            hasher = _TENSOR_HASHER[entry.tensor_digest]() if verify else None
+            with view.cast("B") as flat:
+                self._spans.read(
+                    source, entry.path, header.data_start + info.begin, flat, info.nbytes, hasher
+                )
+        if hasher is not None:
+            digest = hasher.hexdigest()
+            if digest != entry.tensors[name].digest:
+                raise _tensor_mismatch(self.label, entry, name, digest)
 
     def tensors(self, role: str) -> dict[str, RawTensor]:
         """The tensors of ``role`` as `RawTensor` (pure Python, for
@@ -1082,6 +1205,17 @@ def _check_staged(tmp: Path, manifest: Manifest, where: str, verify: bool) -> No
 # --------------------------------------------------------------------------- verification
 
 
+def _check_only(only: Collection[str] | None, entry: FileEntry, call: str) -> None:
+    if only is None:
+        return
+    unknown = sorted(set(only) - set(entry.tensors))
+    if isinstance(only, (str, bytes)) or unknown:
+        raise UsageError(
+            f"{call}: {unknown[:3] or only!r:.100} are not tensors of {entry.path!r}; pass a "
+            "collection of its tensor names"
+        )
+
+
 def _check_index(header: SafetensorsHeader, entry: FileEntry, label: str) -> None:
     """The header lists exactly the manifest's tensors, with its dtypes and shapes (CKPT-5)."""
     if set(header.tensors) != set(entry.tensors):
@@ -1307,6 +1441,107 @@ def _stream_digests(
         tensor_digest = hashes[name].hexdigest()
         if tensor_digest != entry.tensors[name].digest:
             raise _tensor_mismatch(label, entry, name, tensor_digest)
+
+
+def _pread_into(fd: int, dest: memoryview, offset: int, label: str, path: str) -> None:
+    """Fill ``dest`` from ``fd`` at ``offset`` (``preadv`` until full)."""
+    pos = 0
+    while pos < len(dest):
+        try:
+            got = os.preadv(fd, [dest[pos:]], offset + pos)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{label}: cannot read file {path!r} ({exc.strerror or exc}); check the file system"
+            ) from exc
+        if got <= 0:
+            raise CheckpointCorruptError(
+                f"{label}: file {path!r} ended at byte {offset + pos}, before the "
+                f"{offset + len(dest)} its header declares (truncated while being read); "
+                f"{_RESTORE}"
+            )
+        pos += got
+
+
+class _Spans:
+    """Reads spans of one open file into the caller's memory — or, to verify
+    without keeping them, through two scratch buffers — in ``_CHUNK`` pieces
+    with ``preadv``, feeding each piece to a hash object on a helper thread
+    while the next one is read (both release the GIL), so that reading and
+    hashing overlap on two cores. No mapping: every byte is read once."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._pool: ThreadPoolExecutor | None = None
+        self._scratch: list[memoryview] = []
+        self._pending: Future[None] | None = None
+
+    def _submit(self, hasher: Any, chunk: memoryview) -> None:
+        self._wait()
+        if self._pool is None and (os.cpu_count() or 1) > 1:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradaccum-verify")
+        if self._pool is None:
+            hasher.update(chunk)
+        else:
+            self._pending = self._pool.submit(hasher.update, chunk)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def read(
+        self,
+        source: int | bytes,
+        path: str,
+        offset: int,
+        dest: memoryview | None,
+        size: int,
+        hasher: Any,
+    ) -> None:
+        """Read ``size`` bytes at ``offset`` of ``source`` (a descriptor, or a
+        file's bytes) into ``dest`` (``None``: into scratch, hashed and
+        dropped), updating ``hasher`` (or nothing) with them in order."""
+        pos = 0
+        slot = 0
+        try:
+            while pos < size:
+                want = min(_CHUNK, size - pos)
+                if dest is not None:
+                    chunk = dest[pos : pos + want]
+                else:
+                    while len(self._scratch) < 2:
+                        self._scratch.append(memoryview(bytearray(_CHUNK)))
+                    chunk = self._scratch[slot][:want]
+                    slot ^= 1
+                if isinstance(source, int):
+                    _pread_into(source, chunk, offset + pos, self.label, path)
+                else:
+                    piece = memoryview(source)[offset + pos : offset + pos + want]
+                    if len(piece) < want:
+                        raise CheckpointCorruptError(
+                            f"{self.label}: file {path!r} ends before the bytes its header "
+                            f"declares; {_RESTORE}"
+                        )
+                    if dest is None:
+                        chunk = piece
+                    else:
+                        chunk[:] = piece
+                if hasher is not None:
+                    if want < _PIPELINE_BYTES:
+                        self._wait()
+                        hasher.update(chunk)
+                    else:
+                        self._submit(hasher, chunk)
+                pos += want
+        finally:
+            self._wait()
+
+    def close(self) -> None:
+        self._wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._scratch.clear()
 
 
 # --------------------------------------------------------------------------- reading
