@@ -43,15 +43,13 @@ figures measure the software, not the disk; pass ``--dir`` for a disk).
 ``--drop-caches`` drops the kernel's clean page cache before each operation
 (``/proc/sys/vm/drop_caches`` must be writable, e.g. as root; recorded as
 ``drop_caches`` in the results). On the 2-core VM the figures were taken on,
-memory state changes the figures either way: a write that must first reclaim
-page cache ran at 0.5 GB/s instead of 2.7 GB/s, while after a drop gradaccum's
-one-process load took 3.7 s instead of 1.8 s (the reference JSON files), nearly
-all of it more system time: 2.1 million minor page faults instead of 0.6
-million for the same work (each 1 GB file is mapped twice, to verify and to
-install, and 2 GB of new tensors are filled; after a drop each 4 KiB page of a
-mapped tmpfs file faulted on its own — measured; why the kernel stops mapping
-the pages around a fault is not identified), while ``torch.load``'s and
-``dcp.load``'s times barely moved. The default leaves the cache alone.
+memory state moves the figures: with about 5 GB of other files in /dev/shm
+every method ran slower (a 2-rank ``torch.save`` 6.7 s instead of 1.6 s), so
+compare ratios, not seconds, across runs. After a drop each 4 KiB page of a
+mapped tmpfs file is faulted in on its own (0.5 s per GiB against 0.14 s for
+``pread``, measured); gradaccum's load maps only the model's file (to copy it
+in through ``load_state_dict``) and reads the rest with ``pread``, so a drop
+costs it about 0.3 s here. The default leaves the cache alone.
 Writes ``benchmarks/results/checkpoint.json`` (or ``--out``) and prints a
 Markdown table.
 """

@@ -11,6 +11,7 @@ loads it into live objects in another state: the load raises a
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,14 @@ from ckpt_helpers import (
     train,
 )
 
-from gradaccum.checkpoint import MANIFEST_SHA256_NAME, Producer, read_checkpoint, write_checkpoint
-from gradaccum.errors import CheckpointError, GradAccumError
+from gradaccum.checkpoint import (
+    MANIFEST_SHA256_NAME,
+    Producer,
+    read_checkpoint,
+    read_safetensors_header,
+    write_checkpoint,
+)
+from gradaccum.errors import CheckpointChecksumError, CheckpointError, GradAccumError
 from gradaccum_torch import Accumulator
 from gradaccum_torch.checkpoint import collect
 
@@ -316,3 +323,51 @@ def test_frozen_v1_fixture_is_refused_cleanly_by_a_model_it_does_not_fit() -> No
     with pytest.raises(GradAccumError):
         acc.load(fixture)
     assert_same(before, snapshot((model, acc)))
+
+
+@pytest.mark.parametrize("role", ["optimizer", "gradients", "items", "model"])
+def test_a_flipped_data_byte_in_any_file_changes_nothing(
+    base: Path, tmp_path: Path, role: str
+) -> None:
+    """CKPT-7, CKPT-26, ACC-E: a byte flipped in the last tensor of the
+    optimizer, gradient, item-count or model file (not re-sealed: the CRC-32
+    no longer matches) raises CheckpointChecksumError naming the file, though
+    the optimizer state and gradients are read straight into new tensors
+    (the earlier tensors of the file already read); everything stays bitwise
+    what it was."""
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    f = bad / f"{role}.safetensors"
+    header = read_safetensors_header(f.read_bytes())
+    last = max(header.tensors.values(), key=lambda info: info.end)
+    blob = bytearray(f.read_bytes())
+    blob[header.data_start + last.end - 1] ^= 0x01
+    f.write_bytes(bytes(blob))
+    live = live_objects(scaler=True)
+    before = snapshot(live)
+    with pytest.raises(CheckpointChecksumError, match=rf"'{role}\.safetensors' has CRC-32"):
+        live[1].load(bad)
+    assert_same(before, snapshot(live))
+
+
+def test_loaded_state_owns_its_memory(base: Path, tmp_path: Path) -> None:
+    """CKPT-23: what a load installs is its own memory, not a view of the
+    checkpoint's files — overwriting every file in place after the load
+    changes no parameter, optimizer state or gradient (a shared mapping
+    would show the new bytes) — and training resumes exactly on the
+    uninterrupted run's trajectory."""
+    copy_dir = tmp_path / "ckpt"
+    shutil.copytree(base, copy_dir)
+    model, acc = live_objects(scaler=True)
+    acc.load(copy_dir)
+    loaded = snapshot((model, acc))
+    for f in copy_dir.glob("*.safetensors"):
+        size = f.stat().st_size
+        with open(f, "r+b") as fh:
+            fh.write(b"\xff" * size)
+    assert_same(loaded, snapshot((model, acc)))
+    reference = build(0, scaler=True)
+    train(reference, 8)
+    train(reference, 5, seed=3)
+    train((model, acc), 5, seed=3)
+    assert_same(snapshot(reference), snapshot((model, acc)))
