@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import os
 import struct
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,33 @@ def test_read_into_reports_a_file_truncated_after_open(tmp_path: Path) -> None:
             ck.read_into("model", "big", bytearray(4 * BIG))
         with pytest.raises(CheckpointCorruptError, match="ended at byte"):
             ck.verify_file("model")
+
+
+def test_format_1_read_into_checks_each_tensor_read_after_the_whole_file(tmp_path: Path) -> None:
+    """CKPT-7: the bytes a format-1 read keeps are bytes checked — a tensor
+    changed on disk after verify_header streamed the whole file is caught by
+    its own SHA-256 when read_into reads it."""
+    write(tmp_path / "c", 1)
+    f = tmp_path / "c" / "model.safetensors"
+    with open_checkpoint(tmp_path / "c", verify=False) as ck:
+        ck.verify_header("model")
+        at = data_offset(f, "fc.bias")
+        with open(f, "r+b") as fh:
+            fh.seek(at)
+            fh.write(b"\x00\x00\x80\x7f")
+        with pytest.raises(CheckpointChecksumError, match=r"tensor 'fc\.bias'"):
+            ck.read_into("model", "fc.bias", bytearray(12))
+
+
+def test_in_memory_checkpoint_reads_after_close_without_a_helper_thread(tmp_path: Path) -> None:
+    """CKPT-23: closing an in-memory checkpoint (a no-op for its bytes) stops
+    its hashing thread; reading afterwards still verifies, inline, and leaves
+    no thread behind."""
+    raw = write(tmp_path / "c", 3)
+    ck = read_checkpoint(tmp_path / "c")
+    out = bytearray(4 * BIG)
+    ck.read_into("model", "big", out)
+    ck.close()
+    ck.read_into("gradients", "big", out)
+    assert bytes(out) == raw["big"].data
+    assert not [t for t in threading.enumerate() if t.name.startswith("gradaccum-verify")]

@@ -534,18 +534,17 @@ def read_tensors(
     """``role``'s tensors read straight from the file into new CPU tensors
     (`Checkpoint.read_into`: ``pread``, no mapping, no second copy), the
     header verified first and each tensor's digest while it is read (CKPT-7,
-    CKPT-25, CKPT-26) — of a format-2 or -3 file only the tensors named in
-    ``verify`` when given (the rest read unchecked: another process verifies
-    them, see `prepare_load`'s ``share``); a format-1 file is verified whole
-    first. Raises `CheckpointError` (nothing else is changed); the tensors
-    are the caller's to keep."""
-    entry = ckpt.manifest.files[role]
+    CKPT-25, CKPT-26) — only the tensors named in ``verify`` when given (the
+    rest read unchecked: another process verifies them, see `prepare_load`'s
+    ``share``). A format-1 file is verified whole first (its one digest
+    protects the header) and every tensor again as it is read, so the bytes
+    kept are bytes checked. Raises `CheckpointError` (nothing else is
+    changed); the tensors are the caller's to keep."""
     header = ckpt.verify_header(role)
-    whole = entry.header_sha256 is None  # format 1: verify_header checked every byte
     out: dict[str, torch.Tensor] = {}
     for name, info in header.tensors.items():
         tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
-        check = not whole and (verify is None or name in verify)
+        check = verify is None or name in verify
         ckpt.read_into(role, name, tensor.view(-1).view(torch.uint8).numpy(), verify=check)
         out[name] = tensor
     return out

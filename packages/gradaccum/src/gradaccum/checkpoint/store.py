@@ -737,7 +737,13 @@ class Checkpoint:
         source: int | bytes = self._fd(role) if self._lazy else self._data[role]
         if entry.header_sha256 is None:
             if isinstance(source, int):
-                _verify_fd(source, self.header(role), entry, label)
+                try:
+                    _verify_fd(source, self.header(role), entry, label)
+                except OSError as exc:
+                    raise CheckpointError(
+                        f"{label}: cannot read file {entry.path!r} ({exc.strerror or exc}); "
+                        "check the file system"
+                    ) from exc
             else:
                 _verify_blob(source, entry, label)
             self._checked.add(role)
@@ -782,7 +788,7 @@ class Checkpoint:
             )
         try:
             view = memoryview(out)
-        except TypeError:
+        except (TypeError, ValueError):
             raise UsageError(
                 f"read_into({role!r}, {name!r}, out): out is a {type(out).__name__}, not a "
                 "buffer; pass a bytearray, a NumPy array or a tensor's bytes"
@@ -795,9 +801,17 @@ class Checkpoint:
                     f"{'read-only, ' if view.readonly else ''}"
                     f"{'' if view.c_contiguous else 'not contiguous, '}{view.nbytes} bytes"
                 )
+            try:
+                flat = view.cast("B")
+            except (TypeError, ValueError):
+                raise UsageError(
+                    f"read_into({role!r}, {name!r}, out): out's items (format "
+                    f"{view.format!r}) cannot be written as bytes; pass a bytearray or a uint8 "
+                    "array"
+                ) from None
             source: int | bytes = self._fd(role) if self._lazy else self._data[role]
             hasher = _TENSOR_HASHER[entry.tensor_digest]() if verify else None
-            with view.cast("B") as flat:
+            with flat:
                 self._spans.read(
                     source, entry.path, header.data_start + info.begin, flat, info.nbytes, hasher
                 )
@@ -1474,10 +1488,11 @@ class _Spans:
         self._pool: ThreadPoolExecutor | None = None
         self._scratch: list[memoryview] = []
         self._pending: Future[None] | None = None
+        self._closed = False  # after close (an in-memory checkpoint stays usable): hash inline
 
     def _submit(self, hasher: Any, chunk: memoryview) -> None:
         self._wait()
-        if self._pool is None and (os.cpu_count() or 1) > 1:
+        if self._pool is None and not self._closed and (os.cpu_count() or 1) > 1:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradaccum-verify")
         if self._pool is None:
             hasher.update(chunk)
@@ -1537,6 +1552,7 @@ class _Spans:
             self._wait()
 
     def close(self) -> None:
+        self._closed = True
         self._wait()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
