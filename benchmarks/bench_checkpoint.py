@@ -77,6 +77,8 @@ from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("gradaccum", "torch", "dcp")
+# "rollback": a load into a live, trained process, whose optimizer state and gradients exist
+OPS = ("save", "load", "rollback")
 
 
 # --------------------------------------------------------------------------- memory
@@ -215,7 +217,7 @@ def _run_op(
     spec: dict[str, Any], method: str, op: str, path: Path, rank: int, world: int
 ) -> dict[str, Any]:
     ddp = world > 1
-    _, acc, module = _live(spec, seed=0 if op == "save" else 7, ddp=ddp, train=op == "save")
+    _, acc, module = _live(spec, seed=0 if op == "save" else 7, ddp=ddp, train=op != "load")
     if ddp:
         dist.barrier()
     _reset_peak()
@@ -230,6 +232,7 @@ def _run_op(
             acc.save(path)
         else:
             acc.load(path)
+        # (a rollback's targets exist: dcp loads into them, gradaccum may too)
     elif method == "torch":
         (_torch_save if op == "save" else _torch_load)(acc, module, path, rank, world)
     else:
@@ -240,7 +243,7 @@ def _run_op(
     gc.collect()
     peak, after = _status("VmHWM"), _status("VmRSS")
     base = before if op == "save" else after
-    if op == "load":  # the loaded state is live: in-flight gradients on every parameter
+    if op != "save":  # the loaded state is live: in-flight gradients on every parameter
         assert all(p.grad is not None for p in module.parameters())
     # "seconds" of a dcp load leave out allocating its targets ("targets_seconds");
     # "resume_seconds" count them too, as "seconds" did before these fields existed.
@@ -350,14 +353,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=root_dir) as tmp:
         for world in worlds:
             per: dict[str, dict[str, list[dict[str, Any]]]] = {
-                m: {"save": [], "load": []} for m in METHODS
+                m: {op: [] for op in OPS} for m in METHODS
             }
             sizes: dict[str, int] = {}
             for r in range(repeats):
                 order = METHODS[r % 3 :] + METHODS[: r % 3]
                 for method in order:
                     path = Path(tmp) / f"{method}-w{world}"
-                    for op in ("save", "load"):
+                    for op in OPS:
                         m = _measure(spec, method, op, path, world, drop)
                         per[method][op].append(m)
                         print(f"world {world} repeat {r} {method:9s} {op}: {m['seconds']:7.2f} s, "
@@ -366,7 +369,7 @@ def main() -> None:
                             sizes[method] = _bytes_on_disk(path)
                     shutil.rmtree(path, ignore_errors=True)
             summary: dict[str, Any] = {"bytes_on_disk": sizes}
-            for op in ("save", "load"):
+            for op in OPS:
                 for method in METHODS:
                     runs_m = per[method][op]
                     summary[f"{method}.{op}"] = {
@@ -420,7 +423,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for world in worlds:
         s = runs[f"world{world}"]
-        for op in ("save", "load"):
+        for op in OPS:
             ratios = []
             for other in ("torch", "dcp"):
                 q = s[f"time_ratio.{op}.gradaccum/{other}"]

@@ -11,6 +11,7 @@ loads it into live objects in another state: the load raises a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -371,3 +372,63 @@ def test_loaded_state_owns_its_memory(base: Path, tmp_path: Path) -> None:
     train(reference, 5, seed=3)
     train((model, acc), 5, seed=3)
     assert_same(snapshot(reference), snapshot((model, acc)))
+
+
+def _state_tensors(acc: Accumulator) -> dict[str, torch.Tensor]:
+    out = {f"grad.{n}": g for n, g in acc.gradients.export().items()}
+    for param, per in acc.optimizer.state.items():
+        for field, value in per.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{id(param)}.{field}"] = value
+    return out
+
+
+def test_a_running_accumulator_is_loaded_in_place(base: Path) -> None:
+    """CKPT-23, issue 8 section 3: loading into a running accumulator, whose
+    optimizer state and in-flight gradients exist with the checkpoint's
+    shapes and dtypes, reads into those very tensors (same objects, same
+    memory: no second copy of the state at any time), and the run resumes
+    exactly on the uninterrupted trajectory; a fresh accumulator (nothing to
+    load into) gets new tensors and resumes the same."""
+    model, acc = live_objects(scaler=True)
+    before = _state_tensors(acc)
+    pointers = {k: v.data_ptr() for k, v in before.items()}
+    acc.load(base)
+    after = _state_tensors(acc)
+    assert set(after) == set(before)
+    assert all(after[k] is before[k] and after[k].data_ptr() == pointers[k] for k in before)
+    fresh = build(5, scaler=True)
+    assert not fresh[1].optimizer.state
+    fresh[1].load(base)
+    assert_same(snapshot(fresh), snapshot((model, acc)))
+    reference = build(0, scaler=True)
+    train(reference, 8)
+    for live in (reference, (model, acc), fresh):
+        train(live, 5, seed=3)
+    assert_same(snapshot(reference), snapshot((model, acc)))
+    assert_same(snapshot(reference), snapshot(fresh))
+
+
+def test_an_io_fault_while_copying_in_place_says_what_may_be_partly_loaded(
+    base: Path, tmp_path: Path
+) -> None:
+    """ACC-E, CKPT-24: everything is verified before anything changes; if the
+    optimizer file is cut short after that (here: truncated between
+    prepare_load and apply), the in-place copy fails with a CheckpointError
+    that says the model, optimizer state and gradients may be partly
+    loaded, and the accumulation state and scheduler are put back."""
+    from gradaccum_torch.checkpoint import prepare_load
+
+    copy_dir = tmp_path / "ckpt"
+    shutil.copytree(base, copy_dir)
+    model, acc = live_objects(scaler=True)
+    before = snapshot((model, acc))
+    plan = prepare_load(acc, copy_dir)
+    assert [role for role, _ in plan.in_place] == ["gradients", "optimizer"]
+    assert_same(before, snapshot((model, acc)))  # prepared: nothing changed yet
+    os.truncate(copy_dir / "optimizer.safetensors", 100)
+    with pytest.raises(CheckpointError, match="optimizer state and gradients may be partly"):
+        plan.apply()
+    after = snapshot((model, acc))
+    for part in ("machine", "stats", "scheduler", "scaler", "groups"):
+        assert_same(before[part], after[part], part)

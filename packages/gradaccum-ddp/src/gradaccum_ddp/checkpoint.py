@@ -488,7 +488,7 @@ def load_distributed(acc: Accumulator, path: str | os.PathLike[str]) -> None:
                 plan.undo()
             raise
         try:
-            plan.apply_model()
+            plan.apply_in_place()
         except Exception as exc:
             error = exc
         _agree(

@@ -212,6 +212,7 @@ class LoadPlan:
         sched_state: dict[str, Any] | None,
         scaler_state: dict[str, Any] | None,
         where: str,
+        in_place: list[tuple[str, dict[str, torch.Tensor]]] | None = None,
     ) -> None:
         self.acc = acc
         self.ckpt = ckpt
@@ -224,19 +225,21 @@ class LoadPlan:
         self.sched_state = sched_state
         self.scaler_state = scaler_state
         self.where = where
+        self.in_place = list(in_place or [])
         self._undo: list[Callable[[], None]] = []
 
     def close(self) -> None:
         """Release the checkpoint's files and the tensors read but not installed."""
         self.gradients = self.optim_state = None
+        self.in_place = []
         self.ckpt.close()
 
     def apply(self) -> None:
         """Install the plan, all or nothing: `apply_reversible`, then
-        `apply_model`; the files are closed afterwards."""
+        `apply_in_place`; the files are closed afterwards."""
         try:
             self.apply_reversible()
-            self.apply_model()
+            self.apply_in_place()
         finally:
             self.close()
 
@@ -255,8 +258,14 @@ class LoadPlan:
             if optim_state is not None:
                 before_optim = acc.optimizer.state_dict()
                 self._undo.append(lambda: acc.optimizer.load_state_dict(before_optim))
-                # the tensors were read into new memory by prepare_load: installed, not copied
+                # the tensors were read into new memory by prepare_load, or are the live
+                # ones apply_in_place fills: installed, not copied
                 acc.optimizer.load_state_dict(optim_state)
+                _check_kept(
+                    self._targets("optimizer"),
+                    [v for per in acc.optimizer.state.values() for v in per.values()],
+                    "the optimizer's load_state_dict",
+                )
                 del optim_state
             scheduler = acc.scheduler
             if self.sched_state is not None and scheduler is not None:
@@ -287,6 +296,11 @@ class LoadPlan:
             # new tensors read by prepare_load: restore() installs them without a copy
             acc.restore(self.state, self.saved_config, gradients, self.items, owned=True)
             del gradients
+            _check_kept(
+                self._targets("gradients"),
+                list(acc.gradients.export().values()),
+                "the accumulator's gradient store",
+            )
         except Exception as exc:
             self.undo()
             if isinstance(exc, GradAccumError):
@@ -300,30 +314,45 @@ class LoadPlan:
             self.undo()
             raise
 
-    def apply_model(self) -> None:
-        """Copy the model's tensors in place (``load_state_dict``) straight
-        from the file's read-only mapping: last, after `apply_reversible`,
-        since its previous values are not kept (that would double the model's
-        memory). Names, shapes and dtypes were checked by `prepare_load`, so
-        only a device fault or a failing hook of the model can stop it; then
+    def apply_in_place(self) -> None:
+        """Copy into the live tensors what is loaded in place: the optimizer
+        state and in-flight gradients that `prepare_load` found live tensors
+        for (same shape and dtype, on the CPU — a resume in a running
+        process), read from their files with ``pread``, then the model's
+        tensors (``load_state_dict``) from its file's read-only mapping. Last,
+        after `apply_reversible`, since the previous values are not kept
+        (that would double their memory). Everything was verified and checked
+        by `prepare_load` through the descriptors the plan holds, so only an
+        I/O or device fault or a failing hook of the model can stop it; then
         everything else is put back (`undo`) and a `CheckpointError` says the
-        model may be partly loaded."""
-        if not self.has_model:
-            return
+        model, optimizer state and gradients may be partly loaded."""
         acc = self.acc
         try:
-            with self._views("model") as stored:
-                model_state = _model_plan(acc, stored, self.ckpt.metadata)
-                del stored
-                acc.model.load_state_dict(model_state)
-                del model_state
+            for role, targets in self.in_place:
+                for name, target in targets.items():
+                    self.ckpt.read_into(role, name, _bytes_of(target), verify=False)
+            if self.has_model:
+                with self._views("model") as stored:
+                    model_state = _model_plan(acc, stored, self.ckpt.metadata)
+                    del stored
+                    acc.model.load_state_dict(model_state)
+                    del model_state
         except Exception as exc:
             self.undo()
             raise CheckpointError(
-                f"{self.where}: copying the model's tensors failed ({type(exc).__name__}: "
-                f"{_clip(str(exc))}); the optimizer, scheduler, scaler and accumulation state "
-                f"were put back but the model may be partly loaded — load a checkpoint again"
+                f"{self.where}: copying tensors in place failed ({type(exc).__name__}: "
+                f"{_clip(str(exc))}); the scheduler, scaler and accumulation state were put back "
+                f"but the model{', optimizer state and gradients' if self.in_place else ''} may "
+                f"be partly loaded — load a checkpoint again"
             ) from exc
+
+    def _targets(self, kind: str) -> list[torch.Tensor]:
+        return [
+            t
+            for role, targets in self.in_place
+            if (role == "optimizer") == (kind == "optimizer")
+            for t in targets.values()
+        ]
 
     def undo(self) -> None:
         """Put back, newest first, what `apply_reversible` had installed (not the model)."""
@@ -403,14 +432,20 @@ def prepare_load(
     and item count) is verified against the manifest (CKPT-7, CKPT-25,
     CKPT-26), one file at a time, and its names, shapes, dtypes, value kinds
     and ranges checked — with the accumulation state, config, scheduler and
-    scaler state. The optimizer state, gradients and item count are read
-    with ``pread`` into the new tensors the plan will install (each tensor's
-    digest checked as it is read: `read_tensors`); the model's file is
-    streamed through its digests (`Checkpoint.verify_file`, two 8 MiB
-    buffers) and copied into the parameters only by `LoadPlan.apply_model`.
-    Any problem raises a `GradAccumError` (a `CheckpointError` for anything
-    the checkpoint holds) and frees what was read; the returned plan holds
-    the open files and the new tensors until it is applied or closed.
+    scaler state. The optimizer state and in-flight gradients go one of two
+    ways. Where the accumulator already holds a live tensor for every one of
+    a file's tensors (same shape and dtype, contiguous on the CPU: a load
+    into a running process), the file is streamed through its digests
+    (`Checkpoint.verify_file`, two 8 MiB buffers) and read into those
+    tensors only by `LoadPlan.apply_in_place` — no second copy of the state
+    exists at any time. Otherwise (a fresh process, another dtype, a GPU)
+    they are read with ``pread`` into new tensors the plan will install,
+    each tensor's digest checked as it is read (`read_tensors`); the item
+    count always is. The model's file is streamed through its digests and
+    copied into the parameters by `LoadPlan.apply_in_place`. Any problem
+    raises a `GradAccumError` (a `CheckpointError` for anything the
+    checkpoint holds) and frees what was read; the returned plan holds the
+    open files and the new tensors until it is applied or closed.
 
     ``path`` may be a checkpoint `open_for_load` opened. ``share=(i, n)``
     — only for processes that read the very same files (same machine, same
@@ -477,11 +512,22 @@ def _prepare(
     metadata = ckpt.metadata
     if not isinstance(metadata, Mapping):
         raise CheckpointCorruptError(f"{where}: its metadata is not an object; {_FIX}")
+    in_place: list[tuple[str, dict[str, torch.Tensor]]] = []
     grad_role = gradient_role(rank, ckpt.world_size)
     gradients = None
     if grad_role in ckpt.roles:
-        gradients = read_tensors(ckpt, grad_role)
-        _check_gradients(acc, gradients, where)
+        targets = _gradient_targets(acc, ckpt.verify_header(grad_role))
+        if targets is None:  # nothing to load into: new tensors
+            gradients = read_tensors(ckpt, grad_role)
+            _check_gradients(acc, gradients, where)
+        else:  # the live gradients: verified here, filled by apply_in_place
+            ckpt.verify_file(grad_role)
+            with ckpt.open_file(grad_role, verify=False) as tf:
+                views = tensor_views(tf)  # names, shapes and dtypes only
+                _check_gradients(acc, views, where)
+                del views
+            gradients = dict(targets)
+            in_place.append((grad_role, targets))
     items_file = items_role(rank, ckpt.world_size)
     items = None
     if items_file in ckpt.roles:
@@ -499,9 +545,21 @@ def _prepare(
             raise CheckpointCorruptError(
                 f"{where}: it has an optimizer file but no optimizer metadata; {_FIX}"
             )
-        optim_tensors = read_tensors(ckpt, "optimizer", _share_of(ckpt, "optimizer", share))
-        optim_state = _optimizer_plan(acc, optim_tensors, metadata["optimizer"])
-        del optim_tensors
+        only = _share_of(ckpt, "optimizer", share)
+        targets = _optimizer_targets(acc, ckpt.verify_header("optimizer"))
+        if targets is None:  # no live state to load into: new tensors
+            optim_tensors = read_tensors(ckpt, "optimizer", only)
+            optim_state = _optimizer_plan(acc, optim_tensors, metadata["optimizer"])
+            del optim_tensors
+        else:  # the live state tensors: verified and checked here, filled by apply_in_place
+            ckpt.verify_file("optimizer", only=only)
+            with ckpt.open_file("optimizer", verify=False) as tf:
+                views = tensor_views(tf)  # a value is read only where a check needs it (step)
+                optim_state = _with_targets(
+                    _optimizer_plan(acc, views, metadata["optimizer"]), views, targets
+                )
+                del views
+            in_place.append(("optimizer", targets))
     sched_state = None
     if "scheduler" in metadata and acc.scheduler is not None:
         sched_state = _check_scheduler_meta(acc.scheduler, metadata["scheduler"], where)
@@ -520,12 +578,94 @@ def _prepare(
         sched_state=sched_state,
         scaler_state=scaler_state,
         where=where,
+        in_place=in_place,
     )
 
 
 def _share_of(ckpt: Checkpoint, role: str, share: tuple[int, int] | None) -> frozenset[str] | None:
     """The tensors of a replicated ``role`` this process verifies (all: ``None``)."""
     return verification_share(ckpt, role, share) if share is not None else None
+
+
+def _fits(target: Any, info: Any) -> bool:
+    """Whether the live tensor ``target`` can take the stored tensor described
+    by ``info`` (`gradaccum.checkpoint.TensorInfo`) in place, byte for byte:
+    a plain contiguous CPU tensor of its dtype and shape."""
+    return (
+        isinstance(target, torch.Tensor)
+        and target.device.type == "cpu"
+        and not target.requires_grad
+        and target.is_contiguous()
+        and target.dtype == TORCH_DTYPES[info.dtype]
+        and tuple(target.shape) == tuple(info.shape)
+    )
+
+
+def _distinct(targets: dict[str, torch.Tensor]) -> bool:
+    """No two targets share their first byte (each is filled on its own)."""
+    starts = [t.data_ptr() for t in targets.values() if t.numel()]
+    return len(starts) == len(set(starts))
+
+
+def _gradient_targets(acc: Accumulator, header: Any) -> dict[str, torch.Tensor] | None:
+    """The live in-flight gradients a checkpoint's gradients can be read into
+    (`_fits`, by canonical name), or ``None`` unless every one has one."""
+    live = acc.gradients.export()
+    targets = {name: live.get(name) for name in header.tensors}
+    if all(_fits(t, header.tensors[n]) for n, t in targets.items()):
+        found = {n: t for n, t in targets.items() if t is not None}
+        return found if _distinct(found) else None
+    return None
+
+
+def _optimizer_targets(acc: Accumulator, header: Any) -> dict[str, torch.Tensor] | None:
+    """The live optimizer state tensors a checkpoint's optimizer file can be
+    read into — every ``state.<parameter>.<field>`` must exist (`_fits`) and
+    be what ``load_state_dict`` keeps as it is (the parameter's dtype and
+    device, but for ``step``) — or ``None``."""
+    params = acc.named_parameters()
+    state = acc.optimizer.state
+    targets: dict[str, torch.Tensor] = {}
+    for key, info in header.tensors.items():
+        name, _, field = key[len("state.") :].rpartition(".")
+        param = params.get(name) if key.startswith("state.") else None
+        if param is None or param not in state:
+            return None
+        target = state[param].get(field)
+        if not _fits(target, info):
+            return None
+        if field != "step" and (target.device != param.device or target.dtype != param.dtype):
+            return None
+        targets[key] = target
+    return targets if _distinct(targets) else None
+
+
+def _with_targets(
+    plan: dict[str, Any], views: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """``plan`` (a state dict built from the file's views) with every view
+    replaced by the live tensor it will be read into."""
+    by_view = {id(views[key]): target for key, target in targets.items()}
+    for per_param in plan["state"].values():
+        for field, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                per_param[field] = by_view[id(value)]
+    return plan
+
+
+def _check_kept(targets: list[torch.Tensor], installed: list[Any], what: str) -> None:
+    """Every in-place target is what ``what`` now holds (it was not replaced by a copy)."""
+    held = {id(t) for t in installed}
+    if any(id(t) not in held for t in targets):
+        raise CheckpointError(
+            f"{what} replaced the tensors the checkpoint was to be read into; nothing was "
+            f"loaded — report this with the optimizer and accumulator options used"
+        )
+
+
+def _bytes_of(tensor: torch.Tensor) -> Any:
+    """A contiguous CPU tensor's memory as a writable NumPy byte array (no copy)."""
+    return tensor.view(-1).view(torch.uint8).numpy()
 
 
 def read_tensors(
@@ -545,7 +685,7 @@ def read_tensors(
     for name, info in header.tensors.items():
         tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
         check = verify is None or name in verify
-        ckpt.read_into(role, name, tensor.view(-1).view(torch.uint8).numpy(), verify=check)
+        ckpt.read_into(role, name, _bytes_of(tensor), verify=check)
         out[name] = tensor
     return out
 

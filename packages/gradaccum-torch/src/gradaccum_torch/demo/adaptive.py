@@ -16,6 +16,7 @@ within ``--tolerance``; 1 otherwise (so it is also a check).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -96,6 +97,21 @@ def _vm_size() -> int:
     raise RuntimeError("no VmSize in /proc/self/status")  # pragma: no cover
 
 
+def _fixed_mmap_threshold() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mapping,
+    returned to the system when freed. By default the threshold grows to the
+    size of the largest mapped block freed (up to 32 MiB), after which such
+    blocks come from the heap, whose address space is not given back: how much
+    of the cap a failed microbatch leaves behind then depends on the order of
+    earlier allocations (unrelated code changes moved it by the whole headroom).
+    A no-op where the C library has no ``mallopt``."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD; setting it fixes it
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def capped_child(
     *,
     windows: int,
@@ -112,6 +128,7 @@ def capped_child(
     train with `Accumulator.run` from a microbatch of ``rows``. Writes the
     final parameters to ``out`` (safetensors) and returns the record."""
     torch.set_num_threads(1)  # no thread pools growing under the cap
+    _fixed_mmap_threshold()
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     data = make_data(windows, rows)
