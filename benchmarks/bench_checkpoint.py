@@ -29,7 +29,12 @@ loaded three ways:
   time (it replaces the optimizer state and gradients, keeping the old ones
   until everything is installed, all or nothing), so it is compared with both.
 
-Each save and each load runs in a fresh process (2 fresh processes for 2
+Three operations: ``save``; ``load``, a resume in a fresh process (no
+optimizer state or gradients yet); ``rollback``, a load into a process that
+trained to mid-window itself (another seed), whose optimizer state and
+gradients exist — dcp loads into them, gradaccum reads into them in place.
+
+Each operation runs in a fresh process (2 fresh processes for 2
 ranks) that first builds the live state (for a load: fresh objects, another
 seed), then resets its peak resident set (``/proc/self/clear_refs``) and
 times the operation alone. Reported per operation: wall seconds (2 ranks:
