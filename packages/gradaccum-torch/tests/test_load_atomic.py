@@ -38,7 +38,7 @@ from gradaccum.checkpoint import (
     read_safetensors_header,
     write_checkpoint,
 )
-from gradaccum.errors import CheckpointChecksumError, CheckpointError, GradAccumError
+from gradaccum.errors import CheckpointChecksumError, CheckpointError, GradAccumError, UsageError
 from gradaccum_torch import Accumulator
 from gradaccum_torch.checkpoint import collect
 
@@ -427,8 +427,64 @@ def test_an_io_fault_while_copying_in_place_says_what_may_be_partly_loaded(
     assert [role for role, _ in plan.in_place] == ["gradients", "optimizer"]
     assert_same(before, snapshot((model, acc)))  # prepared: nothing changed yet
     os.truncate(copy_dir / "optimizer.safetensors", 100)
-    with pytest.raises(CheckpointError, match="optimizer state and gradients may be partly"):
+    with pytest.raises(CheckpointError, match="optimizer state and in-flight gradients"):
         plan.apply()
     after = snapshot((model, acc))
     for part in ("machine", "stats", "scheduler", "scaler", "groups"):
         assert_same(before[part], after[part], part)
+
+
+def test_a_failing_model_hook_leaves_a_running_accumulator_as_it_was(base: Path) -> None:
+    """ACC-E, CKPT-24: the model is copied before the optimizer state and
+    gradients are read in place, so a model load_state_dict hook that raises
+    gives a CheckpointError naming the model alone, and the optimizer,
+    gradients, scheduler, scaler and accumulator are bitwise as before."""
+    model, acc = live_objects(scaler=True)
+    before = snapshot((model, acc))
+
+    def refuse(module: torch.nn.Module, keys: Any) -> None:
+        raise RuntimeError("hook says no")
+
+    model.register_load_state_dict_post_hook(refuse)
+    with pytest.raises(CheckpointError, match="but the model may be partly loaded"):
+        acc.load(base)
+    after = snapshot((model, acc))
+    for part in before:
+        if part != "model":
+            assert_same(before[part], after[part], part)
+
+
+def test_apply_in_place_needs_apply_reversible_first(base: Path) -> None:
+    """ACC-E: LoadPlan.apply_in_place without a successful apply_reversible is
+    a UsageError and writes nothing into the live tensors."""
+    from gradaccum_torch.checkpoint import prepare_load
+
+    model, acc = live_objects(scaler=True)
+    before = snapshot((model, acc))
+    plan = prepare_load(acc, base)
+    try:
+        with pytest.raises(UsageError, match="needs a successful apply_reversible"):
+            plan.apply_in_place()
+    finally:
+        plan.close()
+    assert_same(before, snapshot((model, acc)))
+
+
+def test_overlapping_live_state_is_not_loaded_in_place(base: Path) -> None:
+    """CKPT-23: when two live optimizer state tensors share memory (here
+    exp_avg and exp_avg_sq of one parameter made the same tensor), the load
+    does not read into them in place: it installs new tensors and resumes
+    exactly on the uninterrupted trajectory."""
+    model, acc = live_objects(scaler=True)
+    first = next(iter(acc.optimizer.state.values()))
+    first["exp_avg_sq"] = first["exp_avg"]
+    shared = first["exp_avg"]
+    acc.load(base)
+    state = next(iter(acc.optimizer.state.values()))
+    assert state["exp_avg"] is not shared and state["exp_avg_sq"] is not shared
+    assert state["exp_avg"].data_ptr() != state["exp_avg_sq"].data_ptr()
+    reference = build(0, scaler=True)
+    train(reference, 8)
+    train(reference, 5, seed=3)
+    train((model, acc), 5, seed=3)
+    assert_same(snapshot(reference), snapshot((model, acc)))

@@ -31,7 +31,7 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -187,16 +187,18 @@ class LoadPlan:
     """A checkpoint opened, verified and checked against the live objects of
     an accumulator, nothing applied yet (`prepare_load`).
 
-    It holds the open checkpoint (one descriptor per file), the verified
-    optimizer state and in-flight gradients already read into new tensors,
-    and the small decoded values (accumulation state, hyper-parameters,
-    scheduler and scaler state, item count). `apply` installs it, all or
-    nothing: those tensors as they are (no copy), then the model's tensors
-    copied in place from a read-only mapping of its file; `undo` puts back
-    what `apply_reversible` replaced (the distributed loader applies the
-    reversible parts on every rank, agrees, and only then copies the model).
-    `close` releases the files and the tensors read (`apply` does it when
-    done)."""
+    It holds the open checkpoint (one descriptor per file), the small decoded
+    values (accumulation state, hyper-parameters, scheduler and scaler state,
+    item count), and the optimizer state and in-flight gradients either
+    already read into new tensors or, for a running accumulator, as the live
+    tensors to read into (``in_place``). `apply` installs it, all or
+    nothing: `apply_reversible` (new tensors installed as they are, live ones
+    kept; undone if anything fails), then `apply_in_place` (the model's
+    tensors copied from a read-only mapping of its file, then the bytes read
+    into the live tensors). The distributed loader calls the two itself, with
+    an agreement of all ranks between them. `undo` puts back what
+    `apply_reversible` replaced; `close` releases the files and the tensors
+    read (`apply` does it when done)."""
 
     def __init__(
         self,
@@ -227,6 +229,7 @@ class LoadPlan:
         self.where = where
         self.in_place = list(in_place or [])
         self._undo: list[Callable[[], None]] = []
+        self._reversible_done = False
 
     def close(self) -> None:
         """Release the checkpoint's files and the tensors read but not installed."""
@@ -253,6 +256,7 @@ class LoadPlan:
         `GradAccumError` raised) propagates. `undo` puts them back later."""
         acc = self.acc
         self._undo = []
+        self._reversible_done = False
         try:
             optim_state, self.optim_state = self.optim_state, None
             if optim_state is not None:
@@ -290,6 +294,7 @@ class LoadPlan:
                     before_config,
                     before_grads,
                     before_items,
+                    owned=True,  # the store's own tensors, given back as they are
                 )
             )
             gradients, self.gradients = self.gradients or {}, None
@@ -301,6 +306,7 @@ class LoadPlan:
                 list(acc.gradients.export().values()),
                 "the accumulator's gradient store",
             )
+            self._reversible_done = True
         except Exception as exc:
             self.undo()
             if isinstance(exc, GradAccumError):
@@ -315,35 +321,47 @@ class LoadPlan:
             raise
 
     def apply_in_place(self) -> None:
-        """Copy into the live tensors what is loaded in place: the optimizer
-        state and in-flight gradients that `prepare_load` found live tensors
-        for (same shape and dtype, on the CPU — a resume in a running
-        process), read from their files with ``pread``, then the model's
-        tensors (``load_state_dict``) from its file's read-only mapping. Last,
-        after `apply_reversible`, since the previous values are not kept
-        (that would double their memory). Everything was verified and checked
-        by `prepare_load` through the descriptors the plan holds, so only an
-        I/O or device fault or a failing hook of the model can stop it; then
-        everything else is put back (`undo`) and a `CheckpointError` says the
-        model, optimizer state and gradients may be partly loaded."""
+        """Copy into the live tensors what is loaded in place, after a
+        successful `apply_reversible` (else `UsageError`): first the model's
+        tensors (``load_state_dict``, its hooks run) from its file's
+        read-only mapping, then — where `prepare_load` found live tensors for
+        them (same shape and dtype, contiguous on the CPU: a running process)
+        — the optimizer state and in-flight gradients, read from their files
+        with ``pread`` into those tensors. Last, since the previous values are
+        not kept (that would double their memory). Everything was verified
+        and checked by `prepare_load` through the descriptors the plan holds,
+        so only an I/O or device fault or a failing hook of the model can
+        stop it; then everything else is put back (`undo`) and a
+        `CheckpointError` says what may be partly loaded: the model (a hook
+        or fault while copying it: the rest is as it was), or the optimizer
+        state and gradients (the model loaded)."""
         acc = self.acc
+        if not self._reversible_done:
+            raise UsageError(
+                "LoadPlan.apply_in_place() needs a successful apply_reversible() first (it "
+                "installs the tensors this fills); call apply()"
+            )
+        self._reversible_done = False
+        filled = [(role, t) for role, t in self.in_place if t]
+        partly = "the model"
         try:
-            for role, targets in self.in_place:
-                for name, target in targets.items():
-                    self.ckpt.read_into(role, name, _bytes_of(target), verify=False)
-            if self.has_model:
+            if self.has_model:  # first: a failing hook of the model leaves the rest untouched
                 with self._views("model") as stored:
                     model_state = _model_plan(acc, stored, self.ckpt.metadata)
                     del stored
                     acc.model.load_state_dict(model_state)
                     del model_state
+            partly = "the optimizer state and in-flight gradients (the model is loaded)"
+            for role, targets in filled:
+                for name, target in targets.items():
+                    self.ckpt.read_into(role, name, _bytes_of(target), verify=False)
         except Exception as exc:
             self.undo()
             raise CheckpointError(
                 f"{self.where}: copying tensors in place failed ({type(exc).__name__}: "
-                f"{_clip(str(exc))}); the scheduler, scaler and accumulation state were put back "
-                f"but the model{', optimizer state and gradients' if self.in_place else ''} may "
-                f"be partly loaded — load a checkpoint again"
+                f"{_clip(str(exc))}); the optimizer's hyper-parameters, scheduler, scaler and "
+                f"accumulation state were put back but {partly} may be partly loaded — load a "
+                f"checkpoint again"
             ) from exc
 
     def _targets(self, kind: str) -> list[torch.Tensor]:
@@ -514,9 +532,25 @@ def _prepare(
         raise CheckpointCorruptError(f"{where}: its metadata is not an object; {_FIX}")
     in_place: list[tuple[str, dict[str, torch.Tensor]]] = []
     grad_role = gradient_role(rank, ckpt.world_size)
+    has_optim = "optimizer" in ckpt.roles
+    if has_optim and "optimizer" not in metadata:
+        raise CheckpointCorruptError(
+            f"{where}: it has an optimizer file but no optimizer metadata; {_FIX}"
+        )
+    # live tensors to read into, decided before anything is read: None = new tensors
+    grad_targets = (
+        _gradient_targets(acc, ckpt.verify_header(grad_role)) if grad_role in ckpt.roles else None
+    )
+    optim_targets = (
+        _optimizer_targets(acc, ckpt.verify_header("optimizer"), metadata["optimizer"])
+        if has_optim
+        else None
+    )
+    if not _disjoint([grad_targets, optim_targets], acc.model.state_dict().values()):
+        grad_targets = optim_targets = None  # overlapping memory: fill nothing in place
     gradients = None
     if grad_role in ckpt.roles:
-        targets = _gradient_targets(acc, ckpt.verify_header(grad_role))
+        targets = grad_targets
         if targets is None:  # nothing to load into: new tensors
             gradients = read_tensors(ckpt, grad_role)
             _check_gradients(acc, gradients, where)
@@ -540,13 +574,9 @@ def _prepare(
             _model_plan(acc, stored, metadata)
             del stored
     optim_state = None
-    if "optimizer" in ckpt.roles:
-        if "optimizer" not in metadata:
-            raise CheckpointCorruptError(
-                f"{where}: it has an optimizer file but no optimizer metadata; {_FIX}"
-            )
+    if has_optim:
         only = _share_of(ckpt, "optimizer", share)
-        targets = _optimizer_targets(acc, ckpt.verify_header("optimizer"))
+        targets = optim_targets
         if targets is None:  # no live state to load into: new tensors
             optim_tensors = read_tensors(ckpt, "optimizer", only)
             optim_state = _optimizer_plan(acc, optim_tensors, metadata["optimizer"])
@@ -592,19 +622,44 @@ def _fits(target: Any, info: Any) -> bool:
     by ``info`` (`gradaccum.checkpoint.TensorInfo`) in place, byte for byte:
     a plain contiguous CPU tensor of its dtype and shape."""
     return (
-        isinstance(target, torch.Tensor)
+        type(target) is torch.Tensor  # no subclass: its bytes may not be its values
+        and target.layout is torch.strided
         and target.device.type == "cpu"
         and not target.requires_grad
+        and not target.is_conj()
+        and not target.is_neg()
         and target.is_contiguous()
         and target.dtype == TORCH_DTYPES[info.dtype]
         and tuple(target.shape) == tuple(info.shape)
     )
 
 
-def _distinct(targets: dict[str, torch.Tensor]) -> bool:
-    """No two targets share their first byte (each is filled on its own)."""
-    starts = [t.data_ptr() for t in targets.values() if t.numel()]
-    return len(starts) == len(set(starts))
+def _disjoint(
+    target_sets: list[dict[str, torch.Tensor] | None], others: Iterable[torch.Tensor]
+) -> bool:
+    """No byte of memory is in two targets, or in a target and one of
+    ``others`` (the model's tensors): each target is filled on its own."""
+    spans = [
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), True)
+        for targets in target_sets
+        for t in (targets or {}).values()
+        if t.numel()
+    ]
+    if not spans:
+        return True
+    spans += [
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), False)
+        for t in others
+        if t.device.type == "cpu" and t.numel() and t.layout is torch.strided
+    ]
+    spans.sort()
+    reach, reach_is_target = 0, False
+    for start, end, is_target in spans:
+        if start < reach and (is_target or reach_is_target):
+            return False
+        if end > reach:
+            reach, reach_is_target = end, is_target
+    return True
 
 
 def _gradient_targets(acc: Accumulator, header: Any) -> dict[str, torch.Tensor] | None:
@@ -613,16 +668,21 @@ def _gradient_targets(acc: Accumulator, header: Any) -> dict[str, torch.Tensor] 
     live = acc.gradients.export()
     targets = {name: live.get(name) for name in header.tensors}
     if all(_fits(t, header.tensors[n]) for n, t in targets.items()):
-        found = {n: t for n, t in targets.items() if t is not None}
-        return found if _distinct(found) else None
+        return {n: t for n, t in targets.items() if t is not None}
     return None
 
 
-def _optimizer_targets(acc: Accumulator, header: Any) -> dict[str, torch.Tensor] | None:
+def _optimizer_targets(acc: Accumulator, header: Any, meta: Any) -> dict[str, torch.Tensor] | None:
     """The live optimizer state tensors a checkpoint's optimizer file can be
     read into — every ``state.<parameter>.<field>`` must exist (`_fits`) and
     be what ``load_state_dict`` keeps as it is (the parameter's dtype and
-    device, but for ``step``) — or ``None``."""
+    device; ``step`` is kept unless a saved group is ``fused`` or
+    ``capturable``, when torch converts it: then nothing is) — or ``None``."""
+    groups = meta.get("param_groups") if isinstance(meta, Mapping) else None
+    if not isinstance(groups, list) or any(
+        not isinstance(g, Mapping) or g.get("fused") or g.get("capturable") for g in groups
+    ):
+        return None
     params = acc.named_parameters()
     state = acc.optimizer.state
     targets: dict[str, torch.Tensor] = {}
@@ -637,7 +697,7 @@ def _optimizer_targets(acc: Accumulator, header: Any) -> dict[str, torch.Tensor]
         if field != "step" and (target.device != param.device or target.dtype != param.dtype):
             return None
         targets[key] = target
-    return targets if _distinct(targets) else None
+    return targets
 
 
 def _with_targets(
