@@ -37,9 +37,11 @@ gradients exist — dcp loads into them, gradaccum reads into them in place.
 Each operation runs in a fresh process (2 fresh processes for 2
 ranks) that first builds the live state (for a load: fresh objects, another
 seed), then resets its peak resident set (``/proc/self/clear_refs``) and
-times the operation alone. Reported per operation: wall seconds (2 ranks:
-rank 0, between barriers) and the peak resident memory above the live
-training state — for a save, peak minus the resident set before it; for a
+times the operation alone (before the repetitions on each world size, one
+untimed ``torch`` save and load warm up what a first operation pays for).
+Reported per operation: wall seconds (2 ranks: rank 0, between barriers)
+and the peak resident memory above the live training state — for a save,
+peak minus the resident set before it; for a
 load, peak minus the resident set after it (when the loaded state is live);
 on 2 ranks the larger rank's. Each repetition runs the methods in a rotating
 order; ratios (gradaccum / other) are paired within a repetition and given as
@@ -361,6 +363,12 @@ def main() -> None:
                 m: {op: [] for op in OPS} for m in METHODS
             }
             sizes: dict[str, int] = {}
+            # one untimed save and load first: the run's first operation on this many ranks
+            # paid for what later ones find warm (measured: 1.5-1.9 s instead of 1.1-1.2 s)
+            warm = Path(tmp) / f"warm-up-w{world}"
+            for op in ("save", "load"):
+                _measure(spec, "torch", op, warm, world, drop)
+            shutil.rmtree(warm, ignore_errors=True)
             for r in range(repeats):
                 order = METHODS[r % 3 :] + METHODS[: r % 3]
                 for method in order:

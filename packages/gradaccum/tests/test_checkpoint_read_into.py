@@ -96,7 +96,7 @@ def data_offset(path: Path, name: str) -> int:
 @pytest.mark.parametrize("version", [3, 2, 1])
 @pytest.mark.parametrize("opener", ["open", "read"])
 def test_read_into_yields_every_tensor_exactly(tmp_path: Path, version: int, opener: str) -> None:
-    """CKPT-7: read_into fills the caller's buffer with exactly the stored
+    """CKPT-7, CKPT-23: read_into fills the caller's buffer with exactly the stored
     bytes of every tensor (a 20 MiB one read in three chunks, hashed on a
     helper thread while the next is read), from an opened checkpoint and from
     one held in memory, in every format."""
@@ -121,7 +121,7 @@ def test_read_into_yields_every_tensor_exactly(tmp_path: Path, version: int, ope
 def test_read_into_finds_a_flipped_byte_in_the_tensor_it_reads(
     tmp_path: Path, version: int
 ) -> None:
-    """CKPT-7, CKPT-26: a byte flipped in the middle chunk of the 20 MiB
+    """CKPT-7, CKPT-23, CKPT-26: a byte flipped in the middle chunk of the 20 MiB
     tensor makes read_into(verify=True) raise CheckpointChecksumError naming
     that tensor and its digest; other tensors of the file still read and
     verify; verify=False hands back the flipped byte (the check is what
@@ -163,7 +163,7 @@ def test_format_1_read_into_checks_the_whole_file_first(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("version", [3, 2])
 def test_verify_header_refuses_an_edited_header(tmp_path: Path, version: int) -> None:
-    """CKPT-25: the header's SHA-256 is checked before any tensor is read: a
+    """CKPT-23, CKPT-25: the header's SHA-256 is checked before any tensor is read: a
     header edited so that it stays valid and matches the manifest's index (a
     letter of its metadata) passes open_checkpoint(verify=False) but raises
     CheckpointChecksumError on verify_header and on a verified read_into."""
