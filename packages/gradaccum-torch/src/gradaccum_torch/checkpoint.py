@@ -329,9 +329,10 @@ class LoadPlan:
         — the optimizer state and in-flight gradients, read from their files
         with ``pread`` into those tensors. Last, since the previous values are
         not kept (that would double their memory). Everything was verified
-        and checked by `prepare_load` through the descriptors the plan holds,
-        so only an I/O or device fault or a failing hook of the model can
-        stop it; then everything else is put back (`undo`) and a
+        and checked by `prepare_load` through the descriptors the plan holds
+        (bytes changed in place in those very files since then are copied
+        unchecked), so only an I/O or device fault or a failing hook of the
+        model can stop it; then everything else is put back (`undo`) and a
         `CheckpointError` says what may be partly loaded: the model (a hook
         or fault while copying it: the rest is as it was), or the optimizer
         state and gradients (the model loaded)."""
