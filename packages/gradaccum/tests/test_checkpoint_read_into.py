@@ -9,12 +9,11 @@ import struct
 import threading
 import tracemalloc
 from pathlib import Path
-from typing import Any
 
 import pytest
+from test_checkpoint_stream import CONFIG, PRODUCER, STATE
 
 from gradaccum.checkpoint import (
-    Producer,
     RawTensor,
     TensorSource,
     encode_safetensors,
@@ -30,30 +29,6 @@ from gradaccum.errors import (
     UsageError,
 )
 
-PRODUCER = Producer("gradaccum-test", "9.9.9")
-CONFIG: dict[str, Any] = {
-    "schedule": {"kind": "fixed", "steps": 4},
-    "normalization": "mean",
-    "partial_window": "step",
-    "non_finite": "skip",
-}
-STATE: dict[str, Any] = {
-    "version": 1,
-    "epoch": 0,
-    "position": 2,
-    "window_size": 4,
-    "contributing": 2,
-    "items_in_window": 0,
-    "items_total": 64,
-    "micro_steps": 10,
-    "optimizer_steps": 2,
-    "skipped_steps": 0,
-    "windows": 2,
-    "dropped_microbatches": 0,
-    "dropped_windows": 0,
-    "synced_in_window": False,
-    "schedule_state": {},
-}
 # 20 MiB: more than two 8 MiB read chunks, each hashed on the helper thread
 BIG = 5 * 1024 * 1024
 
