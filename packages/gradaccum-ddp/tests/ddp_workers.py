@@ -338,3 +338,31 @@ def world_one_program(rank: int, world_size: int, out_dir: str) -> None:
     """Nothing: used to check that launch() itself works."""
     assert dist.get_world_size() == world_size
     write_json(Path(out_dir) / f"hello.rank{rank}.json", {"rank": rank})
+
+
+# -- the launcher's own contract -------------------------------------------------------------
+
+
+def exit_program(rank: int, world_size: int, out_dir: str, outcomes: Sequence[str]) -> None:
+    """Train a DDP model for one window (leaving torch's gloo threads alive past
+    ``destroy_process_group``), write this rank's result file, then end as
+    ``outcomes[rank]`` says: ``"return"``, ``"raise"`` (a ValueError),
+    ``"exit4"`` (``SystemExit(4)``) or ``"exit-message"`` (``SystemExit("...")``)."""
+    ddp = DistributedDataParallel(make_model(0))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    acc = DDPAccumulator(ddp, opt, steps=2)
+    for j in range(2):
+        x, y = microbatch(0, rank, j, 3)
+        with acc.microbatch(3):
+            acc.backward(loss_fn(ddp(x), y, "items"))
+    write_json(
+        Path(out_dir) / f"exit.rank{rank}.json",
+        {"params": [p.detach().reshape(-1).tolist() for p in ddp.parameters()]},
+    )
+    outcome = outcomes[rank]
+    if outcome == "raise":
+        raise ValueError(f"rank {rank} raises on purpose")
+    if outcome == "exit4":
+        raise SystemExit(4)
+    if outcome == "exit-message":
+        raise SystemExit(f"rank {rank} exits with a message")

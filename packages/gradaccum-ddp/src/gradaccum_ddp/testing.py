@@ -19,8 +19,10 @@ import datetime
 import gc
 import os
 import socket
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -135,14 +137,32 @@ def _entry(
         world_size=world_size,
         timeout=datetime.timedelta(seconds=pg_timeout),
     )
+    code = 0
     try:
         target(rank, world_size, *args)
+    except SystemExit as exc:  # what multiprocessing makes of it: the code, or 1 for a message
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     finally:
-        # DDP models left in reference cycles must go before their process group, or the
-        # process may abort at exit ("terminate called without an active exception").
+        # DDP models left in reference cycles must go before their process group.
         gc.collect()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+    # The rank's outcome is decided; leave without interpreter finalization. A DDP model
+    # leaves its gloo process group alive after destroy_process_group (two pt_gloo_runloop
+    # threads and the TCP loop remain, with plain torch DDP and nothing of ours), so its C++
+    # threads live into finalization, where one that touches a Python object aborts the
+    # process ("terminate called without an active exception"): one CI run lost a rank that
+    # way after it had written its results. Streams are flushed; results go through files
+    # the target has closed.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def launch(
@@ -164,6 +184,14 @@ def launch(
     (a module-level function); its arguments are sent by multiprocessing, its
     results should be written to files. Waits at most ``timeout`` seconds in
     all, then kills the ranks still running.
+
+    A rank's exit code is decided by ``target`` alone: 0 when it returns, the
+    code of a `SystemExit`, 1 (traceback on stderr) for any other exception.
+    The rank then destroys its process group and leaves with ``os._exit``,
+    without interpreter finalization: torch keeps a DDP model's gloo threads
+    alive past ``destroy_process_group``, and such a thread touching Python
+    during finalization aborts the process. Files the target has not closed
+    are not flushed.
     """
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="gradaccum-ddp-launch-") as tmp:
