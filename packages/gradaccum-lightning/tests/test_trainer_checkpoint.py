@@ -230,6 +230,38 @@ def test_shared_format_save_resumes_in_plain_gradaccum_torch_and_in_resume(
     assert _equal(W.params(module), W.params(straight))
 
 
+def test_resume_dir_mid_window_with_a_plain_loader_is_refused_before_loading(
+    tmp_path: Path,
+) -> None:
+    """ACC-R2, ACC-E: ``GradAccum(resume=dir)`` from a mid-window shared checkpoint with a
+    loader that is not stateful: the callback cannot tell where the loader starts, so it
+    refuses with a ConfigError that names ``resume=``, the position and the ways out, before
+    the load — the module keeps its own parameters bitwise. With ``allow_replay=True`` and a
+    plain loader over the rest of the pass, the run ends bitwise on the uninterrupted one."""
+    _, straight, _ = _straight(epochs=1)
+    shared = tmp_path / "shared"
+    stop = W.StopAfter(5, lambda t: GradAccum.of(t).save(shared))
+    W.trainer([_ga(model_attr="model"), stop]).fit(_net(), ListLoader(W.batches(SIZES)))
+
+    module = _net(seed=7)
+    before = W.params(module)
+    rest = DataLoader(W.batches(SIZES)[6:], batch_size=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as caught:
+        W.trainer([_ga(model_attr="model", resume=shared)]).fit(module, rest)
+    message = str(caught.value)
+    assert f"GradAccum(resume={str(shared)!r})" in message
+    assert "middle of a window (2 microbatches in)" in message
+    for fix in ("allow_replay=True", "between windows", "nothing was loaded"):
+        assert fix in message
+    assert "StatefulDataLoader" not in message  # Lightning restores no loader for resume=
+    assert _equal(W.params(module), before)
+
+    module, ga = _net(seed=7), _ga(model_attr="model", resume=shared, allow_replay=True)
+    W.trainer([ga]).fit(module, rest)
+    assert ga.stats.optimizer_steps == 3
+    assert _equal(W.params(module), W.params(straight))
+
+
 class _ReadsTheStepsEarly(W.Net):
     """Reads ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` (as OneCycleLR
     users do): Lightning then sets the train loader up before it restores the checkpoint, and

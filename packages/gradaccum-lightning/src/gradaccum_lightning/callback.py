@@ -40,7 +40,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.nn.parallel import DistributedDataParallel
 
-from gradaccum.checkpoint import FORMAT_VERSION
+from gradaccum.checkpoint import FORMAT_VERSION, open_checkpoint
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import CheckpointMismatchError, ConfigError, UsageError
 from gradaccum.machine import AccumulationMachine
@@ -216,7 +216,10 @@ class GradAccum(Callback):
             checkpoint); refused by default.
         resume: a shared-format checkpoint directory (written by any gradaccum
             stack) to restore at the start of training: model, optimizer,
-            scheduler, scaler, accumulation state, in-flight gradients.
+            scheduler, scaler, accumulation state, in-flight gradients. One
+            taken mid-window is refused (`gradaccum.ConfigError`, before
+            anything is loaded) unless the train loader is stateful or
+            ``allow_replay=True``: Lightning knows nothing of its data position.
         log_each_window: Lightning's step-level logging and the logger's step
             follow optimizer steps (default True; see ``docs/lightning.md``).
 
@@ -406,11 +409,17 @@ class GradAccum(Callback):
         # After Lightning's own zero_grad at the start of the run: restore in-flight gradients now.
         acc = self.accumulator
         if self.resume is not None and self._pending is None:
+            # Refuse a replay before the load changes anything (the checkpoint's own
+            # errors come from open_checkpoint, headers only, or from the load).
+            with open_checkpoint(self.resume, verify=False) as ckpt:
+                position = AccumulationState.from_state_dict(ckpt.state).position
+            self._check_replay(trainer, position, via_resume=True)
             acc.load(self.resume)
+            return
         if self._pending is not None:
             self._restore(trainer, self._pending)
             self._pending = None
-        self._check_replay(trainer)
+        self._check_replay(trainer, acc.machine.state.position)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pass_complete = False
@@ -598,9 +607,10 @@ class GradAccum(Callback):
         items = (state.get("items") or {}).get(rank) if parsed.position > 0 else None
         acc.restore(parsed, saved_config, gradients, items)
 
-    def _check_replay(self, trainer: pl.Trainer) -> None:
-        acc = self.accumulator
-        if not acc.is_accumulating or self.allow_replay:
+    def _check_replay(self, trainer: pl.Trainer, position: int, via_resume: bool = False) -> None:
+        """Refuse to continue a window ``position`` microbatches in when the train
+        loader may not start at the microbatch after the checkpoint."""
+        if position == 0 or self.allow_replay:
             return
         loader = trainer.train_dataloader
         loaders = getattr(loader, "flattened", None) or [loader]
@@ -622,8 +632,19 @@ class GradAccum(Callback):
             )
         if stateful:
             return
+        if via_resume:
+            raise ConfigError(
+                f"GradAccum(resume={self.resume!r}) restores a checkpoint taken in the middle of "
+                f"a window ({position} microbatches in), and Lightning knows nothing of its data "
+                f"position: the callback cannot tell whether this train loader starts at the "
+                f"microbatch after the checkpoint or replays batches into the open window. Give "
+                f"the fit a loader over the rest of the interrupted pass and pass "
+                f"GradAccum(allow_replay=True) to confirm it (a stateful loader, with "
+                f"state_dict/load_state_dict, is taken as positioned), or resume from a "
+                f"checkpoint taken between windows; nothing was loaded"
+            )
         raise ConfigError(
-            f"this checkpoint was taken in the middle of a window ({acc.machine.state.position} "
+            f"this checkpoint was taken in the middle of a window ({position} "
             f"microbatches in), but the train loader is not stateful: Lightning would feed the "
             f"epoch's first batches again, not the ones after the checkpoint. Use a stateful "
             f"loader (torchdata.stateful_dataloader.StatefulDataLoader), checkpoint at window "
