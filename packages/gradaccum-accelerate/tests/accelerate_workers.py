@@ -305,12 +305,22 @@ def checkpoint_adapter(rank: int, spec: Mapping[str, Any], out: Path, phase: str
     """``phase="run"``: the whole pass, with ``accelerator.save_state(out/"mid")`` after
     microbatch ``spec["mid"]`` and ``acc.save(out/"boundary")`` after ``spec["boundary"]``.
     ``phase="resume"``: fresh singletons and objects (another seed), ``load_state(out/"mid")``,
-    then the microbatches after ``mid``. Item counts alternate host ints and device tensors."""
+    then the microbatches after ``mid``. Item counts alternate host ints and device tensors.
+    ``spec["format_version"]``, when present, is the adapter's ``checkpoint_format_version``."""
     accelerator = fresh_accelerator()
     seed = spec["seed"] if phase == "run" else spec["seed"] + 1
     model, opt, sched = accelerator.prepare(*make_objects(seed))
+    extra = {}
+    if "format_version" in spec:
+        extra["checkpoint_format_version"] = spec["format_version"]
     acc = Accumulator(
-        accelerator, model, opt, steps=spec["steps"], normalization="items", scheduler=sched
+        accelerator,
+        model,
+        opt,
+        steps=spec["steps"],
+        normalization="items",
+        scheduler=sched,
+        **extra,
     )
     start = 0
     if phase == "resume":

@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from gradaccum.checkpoint import read_checkpoint
+from gradaccum.checkpoint import FORMAT_VERSION, read_checkpoint
 from gradaccum.errors import ConfigError, UsageError
 from gradaccum_accelerate import Accumulator
 from gradaccum_accelerate.testing import fresh_accelerator, one_process
@@ -265,6 +265,18 @@ def test_refuses_an_unknown_keyword_naming_the_closest(tmp_path: Path) -> None:
     _untouched(accelerator, opt, sched, tmp_path)
 
 
+@pytest.mark.parametrize("bad", [0, 4, "3", True, 3.0])
+def test_refuses_a_checkpoint_format_version_it_does_not_write(tmp_path: Path, bad: Any) -> None:
+    """ACC-E2, ACC-E3, CKPT-26: ``checkpoint_format_version`` outside 1, 2, 3 (or not an
+    int) raises ConfigError naming the value and the choices, before anything changes:
+    no hook registered, the optimizer's ``step`` still Accelerate's."""
+    accelerator = fresh_accelerator()
+    model, opt, sched = accelerator.prepare(*W.make_objects(0))
+    with pytest.raises(ConfigError, match=r"checkpoint_format_version=.*pass 1, 2, 3"):
+        Accumulator(accelerator, model, opt, steps=2, checkpoint_format_version=bad)
+    _untouched(accelerator, opt, sched, tmp_path)
+
+
 def test_refuses_what_is_not_an_accelerator(tmp_path: Path) -> None:
     """ACC-E2, ACC-E3: a first argument that is not an ``accelerate.Accelerator`` (the model,
     as in gradaccum-torch's signature) is refused naming the type seen."""
@@ -317,12 +329,16 @@ def test_amp_overflow_skips_the_optimizer_and_the_scheduler() -> None:
 CKPT: dict[str, Any] = {"sizes": [[2, 5, 1, 3, 4, 2, 6, 1, 2]], "steps": 3, "seed": 0}
 
 
-def test_save_state_mid_window_resumes_bitwise(tmp_path: Path) -> None:
-    """ACC-R2, ACC-R3: ``accelerator.save_state`` at position 2 of window 1 (items, host and
-    device counts mixed), then fresh singletons, a fresh Accelerator and objects of another
-    seed, ``load_state``: the rest of the run equals the uninterrupted one bitwise; the
-    ``gradaccum/`` folder holds the in-flight gradients and the device item count."""
-    spec = {**CKPT, "mid": 4, "boundary": 5}
+@pytest.mark.parametrize("format_version", [None, 1, 2, 3])
+def test_save_state_mid_window_resumes_bitwise(tmp_path: Path, format_version: int | None) -> None:
+    """ACC-R2, ACC-R3, CKPT-26: ``accelerator.save_state`` at position 2 of window 1 (items,
+    host and device counts mixed), then fresh singletons, a fresh Accelerator and objects of
+    another seed, ``load_state``: the rest of the run equals the uninterrupted one bitwise;
+    the ``gradaccum/`` folder holds the in-flight gradients and the device item count, in the
+    format ``checkpoint_format_version`` names (default: the current one)."""
+    spec: dict[str, Any] = {**CKPT, "mid": 4, "boundary": 5}
+    if format_version is not None:
+        spec["format_version"] = format_version
     run = W.checkpoint_adapter(0, spec, tmp_path, "run")
     resume = W.checkpoint_adapter(0, spec, tmp_path, "resume")
     assert resume["windows"] == run["windows"][1:]
@@ -333,6 +349,7 @@ def test_save_state_mid_window_resumes_bitwise(tmp_path: Path) -> None:
     assert ckpt.world_size == 1
     assert {"gradients", "items"} <= set(ckpt.roles)
     assert dict(ckpt.state)["position"] == 2
+    assert ckpt.manifest.format_version == (format_version or FORMAT_VERSION)
     reference = W.reference({**spec, "normalization": "items", "scheduler": True})
     assert W.worst_error(run["windows"], reference) <= REL
 

@@ -43,6 +43,7 @@ from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
 from torch.nn.parallel import DistributedDataParallel
 
+from gradaccum.checkpoint import FORMAT_VERSION, check_format_version
 from gradaccum.config import AccumulationConfig
 from gradaccum.errors import ConfigError, UsageError
 from gradaccum.policies import (
@@ -192,6 +193,10 @@ class Accumulator(TorchAccumulator):
             ``load_state`` pre-hooks that save and restore the accumulation
             state and every process's in-flight gradients in
             ``<dir>/gradaccum`` (default True).
+        checkpoint_format_version: the shared format version those hooks
+            write (default `gradaccum.checkpoint.FORMAT_VERSION`, 3: tensor
+            data checked with CRC-32; 2 with SHA-256; 1 for readers older than
+            format 2). Loading reads every version.
 
     The other keywords (``steps``, ``config``, the nine AccumulationConfig
     options, ``listeners``, ``before_step``, ``track_grad_norm``) are those of
@@ -232,6 +237,7 @@ class Accumulator(TorchAccumulator):
         track_grad_norm: bool = False,
         lockstep: Lockstep = "auto",
         checkpoint_hooks: bool = True,
+        checkpoint_format_version: int = FORMAT_VERSION,
         **unknown: NoReturn,
     ) -> None:
         if unknown:
@@ -257,6 +263,11 @@ class Accumulator(TorchAccumulator):
             raise ConfigError(f"lockstep={lockstep!r} must be 'auto', 'window' or 'pass'")
         if not isinstance(checkpoint_hooks, bool):
             raise ConfigError(f"checkpoint_hooks={checkpoint_hooks!r} must be True or False")
+        try:
+            check_format_version(checkpoint_format_version, "Accumulator")
+        except UsageError as exc:
+            message = str(exc).replace("format_version=", "checkpoint_format_version=", 1)
+            raise ConfigError(message) from None
         own = accelerator.scaler
         own = own if own is not None and own.is_enabled() else None
         if scaler is not None and own is not None:
@@ -327,6 +338,7 @@ class Accumulator(TorchAccumulator):
         _refuse_step(scheduler, "scheduler.step()", "steps the scheduler once per update")
         if isinstance(optimizer, AcceleratedOptimizer):
             _guard_zero_grad(optimizer, self)
+        self._checkpoint_format_version = checkpoint_format_version
         self._hooks: list[Any] = []
         if checkpoint_hooks:
             self._hooks = [
@@ -349,6 +361,7 @@ class Accumulator(TorchAccumulator):
             optimizer=False,
             scheduler=False,
             scaler=explicit,
+            format_version=self._checkpoint_format_version,
         )
 
     def _load_state_hook(self, models: Sequence[torch.nn.Module], input_dir: str) -> None:
