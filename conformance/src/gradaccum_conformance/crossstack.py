@@ -221,13 +221,15 @@ def _two_rank(
     )
 
 
-def crossstack_scenarios(*, fp16: bool = True) -> list[CrossScenario]:
+def crossstack_scenarios(*, fp16: bool = True, bf16: bool = True) -> list[CrossScenario]:
     """The matrix's scenarios: SGD with momentum over two parameter groups, AdamW
-    (both float64, an LR scheduler) and, with ``fp16``, fp16 autocast with a
+    (both float64, an LR scheduler); with ``fp16``, fp16 autocast with a
     GradScaler whose first window overflows (the scale backs off from 2**40 to
-    2**10 and must carry over: a resume that lost it overflows again). Each saves
-    after microbatch 7 (2 of a window of 4 done) and after microbatch 3 (a
-    boundary)."""
+    2**10 and must carry over: a resume that lost it overflows again); with
+    ``bf16``, AdamW under bf16 autocast over float32 parameters (the in-flight
+    gradients and the optimizer state are float32; each stack's own bf16 path
+    must give the source's trajectory). Each saves after microbatch 7 (2 of a
+    window of 4 done) and after microbatch 3 (a boundary)."""
     scenarios = [
         _two_rank(
             "sgd_momentum",
@@ -244,6 +246,15 @@ def crossstack_scenarios(*, fp16: bool = True) -> list[CrossScenario]:
                 scaler=ScalerSpec(init_scale=2.0**40, backoff_factor=2.0**-30),
                 overflow=(0,),
                 seed=32,
+            )
+        )
+    if bf16:
+        scenarios.append(
+            _two_rank(
+                "bf16_adamw",
+                OptimizerSpec("adamw", lr=0.02, weight_decay=0.1),
+                precision="bf16",
+                seed=33,
             )
         )
     return [CrossScenario(s, mid_window=7, boundary=3) for s in scenarios]
