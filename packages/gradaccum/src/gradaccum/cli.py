@@ -1,4 +1,4 @@
-"""The ``gradaccum`` command: inspect and validate checkpoints.
+"""The ``gradaccum`` command: inspect, validate and convert checkpoints.
 
 ``gradaccum inspect PATH [--json]`` verifies a checkpoint and prints a
 summary — what wrote it, where in the window it was taken, and what a stack
@@ -6,7 +6,12 @@ needs to resume it — (or its manifest as JSON); ``gradaccum validate PATH``
 verifies it and prints ``valid: PATH`` (exit 0). Both print
 ``invalid: <reason>`` on stderr (exit 1) for a checkpoint they refuse,
 never a traceback, and read each file in bounded chunks, so a hostile
-directory cannot make them hang or exhaust memory. Usage errors exit 2.
+directory cannot make them hang or exhaust memory. ``gradaccum convert SRC
+DST [--format-version N] [--overwrite]`` writes the checkpoint at ``SRC``
+again at ``DST`` in format ``N`` (`gradaccum.checkpoint.convert_checkpoint`)
+and prints ``converted: SRC -> DST (format N)``; a source it refuses prints
+``invalid: <reason>``, a target it cannot write ``cannot convert: <reason>``
+(exit 1, ``DST`` unchanged). Usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from gradaccum.checkpoint import (
     FORMAT_VERSION,
     MANIFEST_SHA256_NAME,
     SPEC_VERSION,
+    SUPPORTED_FORMAT_VERSIONS,
     Checkpoint,
     Manifest,
+    convert_checkpoint,
     open_checkpoint,
 )
-from gradaccum.errors import GradAccumError
+from gradaccum.errors import CheckpointCorruptError, GradAccumError
 
 __all__ = ["main", "position_text", "resume_requirements"]
 
@@ -58,7 +65,7 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradaccum",
-        description="Exact gradient accumulation: inspect and validate checkpoints.",
+        description="Exact gradient accumulation: inspect, validate and convert checkpoints.",
     )
     parser.add_argument(
         "--version",
@@ -75,6 +82,24 @@ def _parser() -> argparse.ArgumentParser:
         "validate", help="verify a checkpoint; exit 0 when valid, 1 when not"
     )
     validate.add_argument("path", metavar="PATH", help="a checkpoint directory")
+    convert = commands.add_parser(
+        "convert", help="write a checkpoint again in another format version"
+    )
+    convert.add_argument("path", metavar="SRC", help="the checkpoint directory to read")
+    convert.add_argument("target", metavar="DST", help="the checkpoint directory to write")
+    convert.add_argument(
+        "--format-version",
+        type=int,
+        choices=sorted(SUPPORTED_FORMAT_VERSIONS),
+        default=FORMAT_VERSION,
+        help=(
+            f"the format to write (default {FORMAT_VERSION}: CRC-32 per tensor; 2: SHA-256 per "
+            "tensor; 1: for readers older than format 2)"
+        ),
+    )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace DST if it holds a checkpoint"
+    )
     return parser
 
 
@@ -260,10 +285,39 @@ def _safe_streams() -> None:
                 reconfigure(errors="backslashreplace")
 
 
-def _open(path: str) -> Checkpoint | None:
+def _convert(source: str, target: str, version: int, overwrite: bool) -> int:
+    """``gradaccum convert``: verify ``source`` (``invalid: ...`` and 1 if it
+    is refused), then convert it; a target it cannot write gives
+    ``cannot convert: ...`` and 1."""
+    ckpt = _open(source, verify=False)
+    if ckpt is None:
+        return 1
+    ckpt.close()
+    try:
+        convert_checkpoint(source, target, format_version=version, overwrite=overwrite)
+    except CheckpointCorruptError as exc:  # includes a digest that does not match
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    except GradAccumError as exc:
+        cli = "no --overwrite; pass it"
+        message = str(exc).replace("overwrite=False; pass overwrite=True", cli)
+        print(f"cannot convert: {message}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still no traceback, and say so
+        print(
+            f"cannot convert: unexpected {type(exc).__name__}: {str(exc)[:300]} (this is a bug "
+            "in gradaccum; please report it)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"converted: {source} -> {target} (format {version})")
+    return 0
+
+
+def _open(path: str, verify: bool = True) -> Checkpoint | None:
     """The verified checkpoint, or None after printing ``invalid: ...``."""
     try:
-        return open_checkpoint(path, verify=True)
+        return open_checkpoint(path, verify=verify)
     except GradAccumError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
     except Exception as exc:  # a bug: still no traceback, and say so
@@ -285,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "convert":
+        return _convert(args.path, args.target, args.format_version, args.overwrite)
     ckpt = _open(args.path)
     if ckpt is None:
         return 1

@@ -18,6 +18,7 @@ pickle, and verified in full before anything is returned — all at once
 
 from __future__ import annotations
 
+from gradaccum.checkpoint.convert import convert_checkpoint
 from gradaccum.checkpoint.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -94,6 +95,7 @@ __all__ = [
     "abort_checkpoint",
     "check_format_version",
     "commit_checkpoint",
+    "convert_checkpoint",
     "decode_file_entries",
     "decode_safetensors",
     "encode_file_entries",
