@@ -51,6 +51,20 @@ SPECS: list[dict[str, Any]] = [
     },
 ]
 REL = 1e-12
+SPECS.append(
+    {
+        # GradAccum.save after microbatch 4 (mid-window), then resume= with a plain train
+        # loader on rank 0 and a stateful one on rank 1.
+        "name": "resume_dir_refused",
+        "kind": "resume_dir_refused",
+        "normalization": "items",
+        "device_items": True,
+        "sizes": SIZES,
+        "steps": 3,
+        "seed": 0,
+        "mid": 4,
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +139,24 @@ def test_mid_window_checkpoint_resumes_bitwise_on_two_ranks(
     assert not torch.equal(grads[0]["model.0.weight"], grads[1]["model.0.weight"])
     for rank in range(2):
         assert float(state["items"][rank]) == SIZES[rank][3] + SIZES[rank][4]
+
+
+def test_a_resume_one_rank_refuses_is_refused_on_every_rank_before_loading(
+    results: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    """ACC-R2, ACC-E, ACC-D: ``GradAccum(resume=dir)`` of a mid-window checkpoint where
+    only rank 0's train loader is plain (rank 1's is stateful, which alone would be
+    accepted): the ranks decide together, so both raise ConfigError — rank 0 naming
+    ``resume=`` and the way out, rank 1 naming rank 0 — instead of rank 1 entering the
+    load's collectives alone; neither rank's module was touched, and neither rank's
+    accumulator holds the checkpoint's open window."""
+    _, loaded = results
+    rank0, rank1 = loaded["resume_dir_refused"]
+    assert rank0["raised"]["type"] == rank1["raised"]["type"] == "ConfigError", (rank0, rank1)
+    assert "GradAccum(resume=" in rank0["raised"]["message"]
+    assert "allow_replay=True" in rank0["raised"]["message"]
+    assert "nothing was loaded" in rank0["raised"]["message"]
+    assert "rank(s) [0] refused to resume" in rank1["raised"]["message"]
+    assert "nothing was loaded" in rank1["raised"]["message"]
+    assert rank0["unchanged"] and rank1["unchanged"]
+    assert rank0["position"] == rank1["position"] == 0

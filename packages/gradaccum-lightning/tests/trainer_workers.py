@@ -299,6 +299,35 @@ def _ddp_fit(
     return tr, module, windows, ga
 
 
+def _resume_dir_refused(rank: int, spec: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    """``GradAccum.save(dir)`` after microbatch ``spec["mid"]`` (mid-window), then a fresh
+    module fitted with ``GradAccum(resume=dir)`` whose train loader is plain (not stateful)
+    on rank 0 only and stateful on rank 1: rank 0 alone would refuse the resume. Records
+    what each rank raised and whether its parameters stayed the module's own."""
+    shared = out / f"{spec['name']}-shared"
+    stop = StopAfter(spec["mid"], lambda t: GradAccum.of(t).save(shared))
+    _ddp_fit(rank, spec, callbacks=[stop])
+    module = Net(spec["normalization"], seed=123, device_items=spec.get("device_items", False))
+    before = params(module)
+    ga = GradAccum(steps=spec["steps"], normalization=spec["normalization"], resume=shared)
+    tr = trainer([ga], strategy="ddp", devices=2, use_distributed_sampler=False)
+    rest = batches(spec["sizes"][rank], spec["seed"], rank)[spec["mid"] + 1 :]
+    loader: Any = (
+        torch.utils.data.DataLoader(rest, batch_size=None) if rank == 0 else ListLoader(rest)  # type: ignore[arg-type]
+    )
+    raised: dict[str, Any] = {"type": None, "message": ""}
+    try:
+        tr.fit(module, loader)
+    except Exception as exc:
+        raised = {"type": type(exc).__name__, "message": str(exc)}
+    after = params(module)
+    return {
+        "raised": raised,
+        "unchanged": all(torch.equal(before[n], after[n]) for n in before),
+        "position": GradAccum.of(tr).accumulator.machine.state.position,
+    }
+
+
 def ddp_program(rank: int, world_size: int, out_dir: str, specs: list[dict[str, Any]]) -> None:
     """Every case of ``specs`` on this rank, one after the other (one launch for all):
     ``"train"`` fits straight through; ``"resume"`` saves a Lightning checkpoint after
@@ -316,6 +345,8 @@ def ddp_program(rank: int, world_size: int, out_dir: str, specs: list[dict[str, 
                     "global_steps": windows.global_steps,
                     "stats": ga.stats.as_dict(),
                 }
+            elif spec["kind"] == "resume_dir_refused":
+                result = _resume_dir_refused(rank, spec, Path(out_dir))
             else:
                 path = str(Path(out_dir) / f"{spec['name']}.ckpt")
                 stop = StopAfter(spec["mid"], lambda t, p=path: t.save_checkpoint(p))

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gradaccum.checkpoint import FORMAT_VERSION, open_checkpoint
 from gradaccum.config import AccumulationConfig
-from gradaccum.errors import CheckpointMismatchError, ConfigError, UsageError
+from gradaccum.errors import CheckpointMismatchError, ConfigError, GradAccumError, UsageError
 from gradaccum.machine import AccumulationMachine
 from gradaccum.policies import (
     AccumulationDType,
@@ -409,12 +409,14 @@ class GradAccum(Callback):
         # After Lightning's own zero_grad at the start of the run: restore in-flight gradients now.
         acc = self.accumulator
         if self.resume is not None and self._pending is None:
-            # Refuse a replay before the load changes anything (the checkpoint's own
-            # errors come from open_checkpoint, headers only, or from the load).
-            with open_checkpoint(self.resume, verify=False) as ckpt:
-                position = AccumulationState.from_state_dict(ckpt.state).position
-            self._check_replay(trainer, position, via_resume=True)
+            # Refuse a replay before the load changes anything, every rank alike.
+            self._refuse_everywhere(self._resume_refusal(trainer), "resume")
             acc.load(self.resume)
+            # The directory may have been replaced since that check: check what was loaded.
+            self._refuse_everywhere(
+                self._replay_refusal(trainer, acc.machine.state.position, via_resume=True),
+                "continue the window",
+            )
             return
         if self._pending is not None:
             self._restore(trainer, self._pending)
@@ -607,11 +609,56 @@ class GradAccum(Callback):
         items = (state.get("items") or {}).get(rank) if parsed.position > 0 else None
         acc.restore(parsed, saved_config, gradients, items)
 
-    def _check_replay(self, trainer: pl.Trainer, position: int, via_resume: bool = False) -> None:
+    def _resume_refusal(self, trainer: pl.Trainer) -> str | None:
+        """Why ``resume`` may not be loaded with this train loader, read from the
+        manifest and headers alone; ``None`` also when the checkpoint cannot be
+        read or was taken mid-window on another number of processes: the load
+        then raises the checkpoint's own error, the ranks agreeing on it."""
+        try:
+            with open_checkpoint(self.resume or "", verify=False) as ckpt:
+                position = AccumulationState.from_state_dict(ckpt.state).position
+                world = ckpt.world_size
+        except GradAccumError:
+            return None
+        if position > 0 and world != self.accumulator.distributed.world_size:
+            return None
+        return self._replay_refusal(trainer, position, via_resume=True, loaded=False)
+
+    def _refuse_everywhere(self, message: str | None, what: str) -> None:
+        """Raise `ConfigError` on every rank when any rank refuses (``message``):
+        the ranks decide together, so none goes on into a collective alone."""
+        distributed = self.accumulator.distributed
+        if distributed.world_size > 1:
+            assert isinstance(distributed, DDPDistributed)
+            rank = distributed.rank
+            with communication_errors(f"agreeing whether to {what}", rank):
+                rows = gather_rows(
+                    [int(message is not None)], distributed.group, distributed.device
+                )
+            refusing = [r for r, row in enumerate(rows) if row[0]]
+            if refusing and message is None:
+                message = (
+                    f"rank(s) {refusing} refused to {what} with their train loader (see the "
+                    f"error there); every rank stops with them"
+                    + ("; nothing was loaded" if what == "resume" else "")
+                )
+        if message is not None:
+            raise ConfigError(message)
+
+    def _check_replay(self, trainer: pl.Trainer, position: int) -> None:
         """Refuse to continue a window ``position`` microbatches in when the train
         loader may not start at the microbatch after the checkpoint."""
+        message = self._replay_refusal(trainer, position)
+        if message is not None:
+            raise ConfigError(message)
+
+    def _replay_refusal(
+        self, trainer: pl.Trainer, position: int, via_resume: bool = False, loaded: bool = True
+    ) -> str | None:
+        """Why continuing a window ``position`` microbatches in would replay
+        batches into it, or ``None``."""
         if position == 0 or self.allow_replay:
-            return
+            return None
         loader = trainer.train_dataloader
         loaders = getattr(loader, "flattened", None) or [loader]
         # Lightning restores stateful loaders since 2.2 (it keeps their saved states in
@@ -622,7 +669,7 @@ class GradAccum(Callback):
         )
         unapplied = getattr(trainer.fit_loop, "_combined_loader_states_to_load", [])
         if stateful and unapplied:
-            raise ConfigError(
+            return (
                 "this checkpoint was taken in the middle of a window and the train loader is "
                 "stateful, but Lightning has not given it its saved position (the loader was "
                 "set up before the checkpoint was restored, e.g. by reading "
@@ -631,9 +678,9 @@ class GradAccum(Callback):
                 "it elsewhere (on_train_start), or pass GradAccum(allow_replay=True)"
             )
         if stateful:
-            return
+            return None
         if via_resume:
-            raise ConfigError(
+            return (
                 f"GradAccum(resume={self.resume!r}) restores a checkpoint taken in the middle of "
                 f"a window ({position} microbatches in), and Lightning knows nothing of its data "
                 f"position: the callback cannot tell whether this train loader starts at the "
@@ -641,9 +688,9 @@ class GradAccum(Callback):
                 f"the fit a loader over the rest of the interrupted pass and pass "
                 f"GradAccum(allow_replay=True) to confirm it (a stateful loader, with "
                 f"state_dict/load_state_dict, is taken as positioned), or resume from a "
-                f"checkpoint taken between windows; nothing was loaded"
+                f"checkpoint taken between windows" + ("; nothing was loaded" if not loaded else "")
             )
-        raise ConfigError(
+        return (
             f"this checkpoint was taken in the middle of a window ({position} "
             f"microbatches in), but the train loader is not stateful: Lightning would feed the "
             f"epoch's first batches again, not the ones after the checkpoint. Use a stateful "
