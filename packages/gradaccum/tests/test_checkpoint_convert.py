@@ -21,6 +21,7 @@ from gradaccum.checkpoint import (
     decode_safetensors,
     encode_safetensors,
     read_checkpoint,
+    validate_checkpoint,
     write_checkpoint,
 )
 from gradaccum.cli import main
@@ -158,13 +159,59 @@ def test_in_place_conversion_and_overwrite(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [0, 4, "3", True, None])
 def test_bad_arguments_are_refused_before_anything_is_read(tmp_path: Path, bad: object) -> None:
     """ACC-E: a format version this release does not write, or a non-bool
-    ``overwrite``, raises UsageError naming it; nothing is written."""
-    write(tmp_path / "src", 3)
+    ``overwrite``, raises UsageError naming it before the source is looked at (the
+    source here does not even exist); nothing is written."""
+    missing, dst = tmp_path / "missing", tmp_path / "dst"
     with pytest.raises(UsageError, match="format_version"):
-        convert_checkpoint(tmp_path / "src", tmp_path / "dst", format_version=bad)  # type: ignore[arg-type]
+        convert_checkpoint(missing, dst, format_version=bad)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="overwrite"):
-        convert_checkpoint(tmp_path / "src", tmp_path / "dst", overwrite=1)  # type: ignore[arg-type]
-    assert not (tmp_path / "dst").exists()
+        convert_checkpoint(missing, dst, overwrite=1)  # type: ignore[arg-type]
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [None, 123, b"src", ""])
+def test_a_source_or_target_that_is_not_a_path_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: object
+) -> None:
+    """ACC-E: a source or target that is not a non-empty str or os.PathLike raises
+    UsageError (never TypeError, and ``""`` is not the current directory)."""
+    write(tmp_path / "src", 3)
+    monkeypatch.chdir(tmp_path / "src")  # "" must not convert the current directory
+    with pytest.raises(UsageError, match="checkpoint path"):
+        convert_checkpoint(bad, tmp_path / "dst")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="checkpoint path"):
+        convert_checkpoint(tmp_path / "src", bad)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_the_target_is_checked_before_the_source_is_read(tmp_path: Path) -> None:
+    """An existing checkpoint as target without ``overwrite`` is refused with
+    CheckpointError before the source is read: a source with a corrupt tensor gets the
+    target's error, not a checksum error, and the target keeps its bytes."""
+    write(tmp_path / "src", 1)
+    flip(
+        tmp_path / "src" / "model.safetensors",
+        data_offset(tmp_path / "src" / "model.safetensors", "fc.weight"),
+    )
+    write(tmp_path / "old", 3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    with pytest.raises(CheckpointError, match="overwrite") as caught:
+        convert_checkpoint(tmp_path / "src", tmp_path / "old")
+    assert not isinstance(caught.value, CheckpointChecksumError)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+
+
+@pytest.mark.parametrize("inside", ["x.safetensors", "sub/dst"])
+def test_a_target_inside_the_source_is_refused(tmp_path: Path, inside: str) -> None:
+    """A target inside the source directory would leave files its manifest does not
+    list (its reader refuses those): UsageError, and the source stays valid and as it
+    was."""
+    write(tmp_path / "src", 3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
+    with pytest.raises(UsageError, match="inside the source checkpoint"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "src" / inside)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == before
+    validate_checkpoint(tmp_path / "src")
 
 
 def test_memory_is_bounded_by_tensors_not_files(tmp_path: Path) -> None:
@@ -221,6 +268,12 @@ def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "y")]) == 1
     assert capsys.readouterr().err.startswith("invalid: ")
+
+    (tmp_path / "file").write_text("not a checkpoint")
+    assert main(["convert", src, str(tmp_path / "file"), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cannot convert: ") and "is a file" in err
+    assert (tmp_path / "file").read_text() == "not a checkpoint"
 
     with pytest.raises(SystemExit) as caught:
         raise SystemExit(main(["convert", src, str(tmp_path / "z"), "--format-version", "4"]))

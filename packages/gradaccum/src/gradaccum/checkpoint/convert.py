@@ -11,6 +11,8 @@ from gradaccum.checkpoint.store import (
     Checkpoint,
     FileSource,
     TensorSource,
+    _check_target,
+    _target,
     check_format_version,
     open_checkpoint,
     write_checkpoint,
@@ -35,7 +37,8 @@ def convert_checkpoint(
     size, accumulation state, config, metadata and every tensor of every
     file, bit for bit (the tensors' order inside a file may change; readers
     find tensors by name). ``created_unix`` is the time of the conversion.
-    The source is opened through descriptors and each tensor is read with
+    ``target`` is checked before the source is read. The source is opened
+    through descriptors and each tensor is read with
     ``pread`` and its digest checked as it is copied (CKPT-7, CKPT-23), one
     tensor at a time, so memory stays bounded by the largest tensors, not
     the files — except for a file whose safetensors header carries
@@ -49,18 +52,33 @@ def convert_checkpoint(
     new directory has replaced them.
 
     Raises:
-        UsageError: a format version this release does not write, or
-            ``overwrite`` not a bool — before anything is read.
+        UsageError: a format version this release does not write,
+            ``overwrite`` not a bool, a path that is not a non-empty str or
+            ``os.PathLike`` — before anything is read — or a target inside
+            the source directory.
         CheckpointError: ``source`` is not a valid checkpoint, or ``target``
             is a file, a link, a non-empty directory that is not a
             checkpoint, or an existing checkpoint without ``overwrite``; a
             disk failure while writing.
     """
-    where = f"cannot convert checkpoint '{os.fspath(source)}'"
+    where = "cannot convert a checkpoint"
     version = check_format_version(format_version, where)
     if not isinstance(overwrite, bool):
         raise UsageError(f"{where}: overwrite={overwrite!r:.40} must be True or False")
-    with open_checkpoint(Path(source), verify=False) as ckpt:
+    source_path = _target(source)  # UsageError for what is not a path
+    target_path = _target(target)
+    shown = os.fspath(target)
+    # The target first: a refusal costs no read of the source.
+    _check_target(target_path, shown, overwrite)
+    with open_checkpoint(source, verify=False) as ckpt:
+        inside = target_path.resolve().parents
+        for directory in {source_path, Path(os.path.abspath(ckpt.source))}:
+            if directory.resolve() in inside:
+                raise UsageError(
+                    f"{where}: the target '{shown}' lies inside the source checkpoint "
+                    f"'{directory}', whose reader would refuse the files it does not list; "
+                    "choose a path outside it (or the source itself, with overwrite=True)"
+                )
         manifest = ckpt.manifest
         files = {role: _file_source(ckpt, role) for role in manifest.roles}
         return write_checkpoint(
