@@ -9,6 +9,7 @@ numbers. Nothing travels by pickle.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import time
@@ -347,7 +348,10 @@ def exit_program(rank: int, world_size: int, out_dir: str, outcomes: Sequence[st
     """Train a DDP model for one window (leaving torch's gloo threads alive past
     ``destroy_process_group``), write this rank's result file, then end as
     ``outcomes[rank]`` says: ``"return"``, ``"raise"`` (a ValueError),
-    ``"exit4"`` (``SystemExit(4)``) or ``"exit-message"`` (``SystemExit("...")``)."""
+    ``"exit4"`` (``SystemExit(4)``) or ``"exit-message"`` (``SystemExit("...")``). An
+    ``atexit`` handler would leave ``atexit.rank<r>`` behind if the interpreter finalized."""
+    marker = Path(out_dir) / f"atexit.rank{rank}"
+    atexit.register(marker.write_text, "interpreter finalization ran")
     ddp = DistributedDataParallel(make_model(0))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     acc = DDPAccumulator(ddp, opt, steps=2)

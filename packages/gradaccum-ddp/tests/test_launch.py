@@ -1,8 +1,9 @@
 """The test launcher's contract (`gradaccum_ddp.testing.launch`): a rank's exit
 code is its program's outcome alone — 0 when it returns, a `SystemExit`'s code,
-1 with the traceback on stderr for any other exception — and never an abort of
-interpreter finalization. Ranks here train a real DDP model over gloo first,
-which leaves torch's gloo threads alive past ``destroy_process_group``."""
+1 with the traceback on stderr for any other exception — and the rank leaves without
+interpreter finalization (no `atexit` handler runs), so never aborts there. Ranks here
+train a real DDP model over gloo first, which leaves torch's gloo threads alive past
+``destroy_process_group``."""
 
 from __future__ import annotations
 
@@ -46,3 +47,6 @@ def test_exit_code_is_the_programs_outcome(
     if "exit-message" in outcomes:
         assert "rank 1 exits with a message" in err
     assert "terminate called" not in err
+    # Each rank left without interpreter finalization (its atexit handler never ran), where
+    # torch's surviving gloo threads could abort it.
+    assert not list(tmp_path.glob("atexit.rank*"))

@@ -190,8 +190,12 @@ def launch(
     The rank then destroys its process group and leaves with ``os._exit``,
     without interpreter finalization: torch keeps a DDP model's gloo threads
     alive past ``destroy_process_group``, and such a thread touching Python
-    during finalization aborts the process. Files the target has not closed
-    are not flushed.
+    during finalization aborts the process. So nothing of finalization runs:
+    files the target has not closed are not flushed, ``atexit`` handlers
+    (``logging.shutdown``, an unfinished wandb run's, coverage's) do not run,
+    threads still running are not joined and items still queued in a
+    ``multiprocessing.Queue`` may be lost. Finish and close what the target
+    opened (the rank programs here write their results with ``os.replace``).
     """
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="gradaccum-ddp-launch-") as tmp:
