@@ -280,3 +280,24 @@ def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert caught.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+
+
+def test_a_target_under_a_symbolic_link_loop_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """ACC-E, CKPT-20: a target whose parent is a symbolic-link loop raises
+    CheckpointError (not OSError) from the writer and from the converter, and nothing
+    is written."""
+    write(tmp_path / "src", 3)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="symbolic links"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "a" / "dst")
+    with pytest.raises(CheckpointError, match=r"Errno"):
+        write_checkpoint(
+            tmp_path / "a" / "dst",
+            state=STATE,
+            config=CONFIG,
+            files={},
+            producer=PRODUCER,
+            overwrite=False,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "src"]

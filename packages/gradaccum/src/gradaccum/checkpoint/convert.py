@@ -71,9 +71,9 @@ def convert_checkpoint(
     # The target first: a refusal costs no read of the source.
     _check_target(target_path, shown, overwrite)
     with open_checkpoint(source, verify=False) as ckpt:
-        inside = target_path.resolve().parents
+        inside = Path(os.path.realpath(target_path)).parents  # realpath: no error on loops
         for directory in {source_path, Path(os.path.abspath(ckpt.source))}:
-            if directory.resolve() in inside:
+            if Path(os.path.realpath(directory)) in inside:
                 raise UsageError(
                     f"{where}: the target '{shown}' lies inside the source checkpoint "
                     f"'{directory}', whose reader would refuse the files it does not list; "

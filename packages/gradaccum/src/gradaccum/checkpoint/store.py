@@ -849,6 +849,13 @@ def _target(path: str | os.PathLike[str]) -> Path:
 
 def _check_target(target: Path, shown: str, overwrite: bool) -> None:
     where = f"cannot write checkpoint at '{shown}'"
+    try:
+        _check_target_path(target, where, overwrite)
+    except OSError as exc:  # e.g. a parent that is a symbolic-link loop, or unreadable
+        raise _disk_error(where, exc) from exc
+
+
+def _check_target_path(target: Path, where: str, overwrite: bool) -> None:
     if os.path.islink(target):
         raise CheckpointError(
             f"{where}: the path is a symbolic link; pass the directory it points to, "
