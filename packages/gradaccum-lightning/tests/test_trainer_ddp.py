@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 import torch
 import trainer_workers as W
+from torch.utils.data import DataLoader
 
+from gradaccum import CheckpointMismatchError
+from gradaccum_lightning import GradAccum
 from gradaccum_lightning.testing import launch_lightning
 
 # Unequal item counts across ranks and microbatches: 9 microbatches, windows of 3.
@@ -160,3 +163,21 @@ def test_a_resume_one_rank_refuses_is_refused_on_every_rank_before_loading(
     assert "nothing was loaded" in rank1["raised"]["message"]
     assert rank0["unchanged"] and rank1["unchanged"]
     assert rank0["position"] == rank1["position"] == 0
+
+
+def test_a_two_rank_mid_window_checkpoint_on_one_process_names_the_world_size_first(
+    results: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    """ACC-R5, CKPT-18: the 2-rank mid-window checkpoint of the case above, resumed with
+    ``GradAccum(resume=dir)`` on one process with a plain train loader, is refused for its
+    world size (CheckpointMismatchError naming both), not sent to ``allow_replay=True``,
+    which could not help; the module keeps its parameters."""
+    out, _ = results
+    module = W.Net("items", seed=5, device_items=True)
+    before = W.params(module)
+    ga = GradAccum(steps=3, normalization="items", resume=out / "resume_dir_refused-shared")
+    plain = DataLoader(W.batches(SIZES[0]), batch_size=None)  # type: ignore[arg-type]
+    with pytest.raises(CheckpointMismatchError, match=r"mid-window on 2 rank\(s\).*not 1"):
+        W.trainer([ga]).fit(module, plain)
+    after = W.params(module)
+    assert all(torch.equal(before[n], after[n]) for n in before)
