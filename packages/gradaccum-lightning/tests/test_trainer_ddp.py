@@ -21,6 +21,16 @@ from gradaccum_lightning.testing import launch_lightning
 
 # Unequal item counts across ranks and microbatches: 9 microbatches, windows of 3.
 SIZES = [[2, 5, 1, 3, 4, 2, 6, 1, 2], [3, 1, 4, 1, 5, 9, 2, 6, 5]]
+RESUME: dict[str, Any] = {
+    "name": "resume",
+    "kind": "resume",
+    "normalization": "items",
+    "device_items": True,
+    "sizes": SIZES,
+    "steps": 3,
+    "seed": 0,
+    "mid": 4,
+}
 SPECS: list[dict[str, Any]] = [
     {
         "name": "items",
@@ -41,33 +51,13 @@ SPECS: list[dict[str, Any]] = [
         "seed": 0,
         "passes": 2,
     },
-    {
-        # The "items" run, checkpointed after microbatch 4 (2 microbatches into window 1).
-        "name": "resume",
-        "kind": "resume",
-        "normalization": "items",
-        "device_items": True,
-        "sizes": SIZES,
-        "steps": 3,
-        "seed": 0,
-        "mid": 4,
-    },
+    # The "items" run, checkpointed after microbatch 4 (2 microbatches into window 1).
+    RESUME,
+    # The same, saved with GradAccum.save, then resume= with a plain train loader on rank 0
+    # and a stateful one on rank 1.
+    {**RESUME, "name": "resume_dir_refused", "kind": "resume_dir_refused"},
 ]
 REL = 1e-12
-SPECS.append(
-    {
-        # GradAccum.save after microbatch 4 (mid-window), then resume= with a plain train
-        # loader on rank 0 and a stateful one on rank 1.
-        "name": "resume_dir_refused",
-        "kind": "resume_dir_refused",
-        "normalization": "items",
-        "device_items": True,
-        "sizes": SIZES,
-        "steps": 3,
-        "seed": 0,
-        "mid": 4,
-    }
-)
 
 
 @pytest.fixture(scope="module")

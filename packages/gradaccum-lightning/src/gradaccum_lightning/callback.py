@@ -410,7 +410,7 @@ class GradAccum(Callback):
         acc = self.accumulator
         if self.resume is not None and self._pending is None:
             # Refuse a replay before the load changes anything, every rank alike.
-            self._refuse_everywhere(self._resume_refusal(trainer), "resume")
+            self._refuse_everywhere(self._resume_refusal(trainer, self.resume), "resume")
             acc.load(self.resume)
             # The directory may have been replaced since that check: check what was loaded.
             self._refuse_everywhere(
@@ -421,7 +421,9 @@ class GradAccum(Callback):
         if self._pending is not None:
             self._restore(trainer, self._pending)
             self._pending = None
-        self._check_replay(trainer, acc.machine.state.position)
+        refusal = self._replay_refusal(trainer, acc.machine.state.position)
+        if refusal is not None:
+            raise ConfigError(refusal)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pass_complete = False
@@ -609,13 +611,13 @@ class GradAccum(Callback):
         items = (state.get("items") or {}).get(rank) if parsed.position > 0 else None
         acc.restore(parsed, saved_config, gradients, items)
 
-    def _resume_refusal(self, trainer: pl.Trainer) -> str | None:
+    def _resume_refusal(self, trainer: pl.Trainer, resume: str) -> str | None:
         """Why ``resume`` may not be loaded with this train loader, read from the
         manifest and headers alone; ``None`` also when the checkpoint cannot be
         read or was taken mid-window on another number of processes: the load
         then raises the checkpoint's own error, the ranks agreeing on it."""
         try:
-            with open_checkpoint(self.resume or "", verify=False) as ckpt:
+            with open_checkpoint(resume, verify=False) as ckpt:
                 position = AccumulationState.from_state_dict(ckpt.state).position
                 world = ckpt.world_size
         except GradAccumError:
@@ -642,13 +644,6 @@ class GradAccum(Callback):
                     f"error there); every rank stops with them"
                     + ("; nothing was loaded" if what == "resume" else "")
                 )
-        if message is not None:
-            raise ConfigError(message)
-
-    def _check_replay(self, trainer: pl.Trainer, position: int) -> None:
-        """Refuse to continue a window ``position`` microbatches in when the train
-        loader may not start at the microbatch after the checkpoint."""
-        message = self._replay_refusal(trainer, position)
         if message is not None:
             raise ConfigError(message)
 
